@@ -1,1 +1,62 @@
-fn main() {}
+//! The `ferrotune` binary: a thin shell over the library crates.
+//! Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
+
+mod assets;
+mod cli;
+mod commands;
+mod failure;
+mod progress;
+
+use clap::Parser;
+
+use crate::cli::{BenchCommand, Cli, Command, DataCommand};
+use crate::failure::Failure;
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    if let Err(failure) = dispatch(&cli) {
+        eprintln!("error: {}", failure.message);
+        std::process::exit(failure.code);
+    }
+}
+
+fn dispatch(cli: &Cli) -> Result<(), Failure> {
+    let json = cli.json;
+    match &cli.command {
+        Command::Run(args) => commands::run::run(args, json),
+        Command::Data(DataCommand::Prepare(args)) => commands::data::prepare(args, json),
+        Command::Data(DataCommand::Inspect(args)) => commands::data::inspect(args, json),
+        Command::Data(DataCommand::Stats(args)) => commands::data::stats(args, json),
+        Command::Bench(BenchCommand::Data(args)) => commands::bench_data::run(args, json),
+        Command::Bench(BenchCommand::Train(_)) => Err(Failure::not_yet("bench train", "[model]")),
+        Command::Bench(BenchCommand::Decode(_)) => Err(Failure::not_yet("bench decode", "[serve]")),
+        Command::Train(_) => Err(Failure::not_yet("train", "[train]")),
+        Command::Eval(_) => Err(Failure::not_yet("eval", "[model]")),
+        Command::Generate(_) => Err(Failure::not_yet("generate", "[model]")),
+        Command::Plan(_) => Err(Failure::not_yet("plan", "[train]")),
+        Command::Export(_) => Err(Failure::not_yet("export", "[export]")),
+        Command::Models(_) => Err(Failure::not_yet("models", "[export]")),
+        Command::Serve(_) => Err(Failure::not_yet("serve", "[serve]")),
+        Command::Invoke(_) => Err(Failure::not_yet("invoke", "[serve]")),
+        Command::Azure(_) => Err(Failure::not_yet("azure", "[azure]")),
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERROTUNE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}

@@ -84,9 +84,9 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Outcome
     let started = Instant::now();
     validate(opts)?;
     let source = SplitSource::discover(&opts.input, opts.split.as_deref())?;
+    let tokenizer_files = hash_tokenizer_files(&opts.tokenizer)?;
     let specials = SpecialTokens::from_tokenizer_dir(&opts.tokenizer)?;
     let template = ChatTemplate::from_tokenizer_dir(&opts.tokenizer, specials)?;
-    let tokenizer_files = hash_tokenizer_files(&opts.tokenizer)?;
 
     let previous = Manifest::read(&opts.out).ok();
     let files = hash_inputs(&source.files, previous.as_ref())?;
@@ -228,6 +228,7 @@ fn tokenize_split(
         batch.clear();
         let mut pending_bad = Vec::new();
         for row in rows.by_ref() {
+            stats.rows_read += 1;
             match row? {
                 Ok(conv) => batch.push(conv),
                 Err(bad) => pending_bad.push((batch.len(), bad)),
@@ -250,7 +251,6 @@ fn tokenize_split(
             while let Some((_, bad)) = bad_iter.next_if(|(pos, _)| *pos == i) {
                 reject(&mut stats, bad, opts.on_bad_row)?;
             }
-            stats.rows_read += 1;
             let tokenized = match result {
                 Ok(t) => t,
                 Err((reason, detail)) => {
@@ -302,7 +302,7 @@ fn tokenize_split(
         for (_, bad) in bad_iter {
             reject(&mut stats, bad, opts.on_bad_row)?;
         }
-        progress.advance(stats.rows_read + stats.dropped_malformed());
+        progress.advance(stats.rows_read);
     }
     if let Some(seq) = packer.and_then(Packer::finish) {
         seq_lens.push(seq.iter().map(|d| d.ids.len() as u32).sum());
@@ -325,16 +325,6 @@ fn reject(stats: &mut Stats, bad: BadRow, policy: OnBadRow) -> Result<()> {
     }
     stats.record_drop(bad);
     Ok(())
-}
-
-impl Stats {
-    fn dropped_malformed(&self) -> u64 {
-        self.dropped
-            .iter()
-            .filter(|(r, _)| r.is_malformed())
-            .map(|(_, n)| n)
-            .sum()
-    }
 }
 
 fn describe_drops(stats: &Stats) -> String {

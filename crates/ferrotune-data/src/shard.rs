@@ -159,9 +159,9 @@ impl ShardData {
             ),
         ];
         let meta = HashMap::from([("format".to_string(), SHARD_FORMAT.to_string())]);
-        safetensors::serialize_to_file(tensors, Some(meta), path).map_err(|e| {
-            DataError::io(path, std::io::Error::other(e.to_string()))
-        })
+        let bytes = safetensors::serialize(tensors, Some(meta))
+            .map_err(|e| DataError::io(path, std::io::Error::other(e.to_string())))?;
+        std::fs::write(path, bytes).map_err(|e| DataError::io(path, e))
     }
 
     /// Read a shard written by [`ShardWriter`], checking its format and internal consistency.

@@ -24,6 +24,15 @@ pub enum Format {
     Jsonl,
 }
 
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Parquet => "parquet",
+            Format::Jsonl => "jsonl",
+        }
+    }
+}
+
 /// The files that make up one split, in row order.
 #[derive(Debug, Clone)]
 pub struct SplitSource {

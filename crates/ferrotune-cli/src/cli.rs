@@ -1,0 +1,176 @@
+//! Every flag of the `ferrotune` binary, with its help text and environment variable.
+//! Precedence: (config file, for commands that take one) < `FERROTUNE_*` environment < flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferrotune",
+    version,
+    about = "Fine-tune Phi-3 with LoRA: data, training, export, serving and Azure ML, in one binary",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The whole pipeline; without --config, on the bundled tiny model and ultrachat sample.
+    Run(RunArgs),
+    /// Prepare, inspect and summarise training data.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train LoRA adapters (single process or one rank of many).
+    Train(Unbuilt),
+    /// Loss and perplexity of a model on prepared data.
+    Eval(Unbuilt),
+    /// Generate text from a model, with or without an adapter.
+    Generate(Unbuilt),
+    /// Memory and step-time estimate for a training config.
+    Plan(Unbuilt),
+    /// Export a checkpoint as an MLflow model folder.
+    Export(Unbuilt),
+    /// The local model registry.
+    Models(Unbuilt),
+    /// Serve a model over HTTP (Azure scoring contract and OpenAI chat API).
+    Serve(Unbuilt),
+    /// Call a scoring endpoint with a request file.
+    Invoke(Unbuilt),
+    /// Register, deploy, score and clean up on Azure ML.
+    Azure(Unbuilt),
+    /// Throughput benchmarks, side by side with the Python reference.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Arguments of a command that later issues build; accepted so `--help` lists it.
+#[derive(Args, Debug)]
+pub struct Unbuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Folder for everything the run makes (data, later checkpoints and exports).
+    #[arg(long, env = "FERROTUNE_WORKDIR", default_value = "ferrotune-run")]
+    pub workdir: PathBuf,
+    /// Pipeline config (YAML); without it the embedded default runs.
+    #[arg(long, env = "FERROTUNE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Read a split, apply the chat template, tokenize, mask, (pack) and cache as token shards.
+    Prepare(PrepareArgs),
+    /// Show one prepared conversation with its trained tokens highlighted.
+    Inspect(InspectArgs),
+    /// Rows, tokens, trainable tokens, lengths and dropped rows of a prepared folder.
+    Stats(StatsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    /// A folder in the Hugging Face layout (data/{split}-*.parquet) or the jsonl layout
+    /// ({split}.jsonl), or one .parquet/.jsonl file.
+    #[arg(long, env = "FERROTUNE_DATA_INPUT")]
+    pub input: PathBuf,
+    /// Split to read when --input is a folder (train_sft, test_sft, train_gen, test_gen).
+    #[arg(long, env = "FERROTUNE_DATA_SPLIT")]
+    pub split: Option<String>,
+    /// Folder with the model's tokenizer.json and tokenizer_config.json (its chat template).
+    #[arg(long, env = "FERROTUNE_TOKENIZER")]
+    pub tokenizer: PathBuf,
+    /// Output folder for the token shards and manifest.json.
+    #[arg(long, env = "FERROTUNE_DATA_OUT")]
+    pub out: PathBuf,
+    /// Keep the first P% of the split, rounded as `datasets`' split[:P%] (1-100).
+    #[arg(long, env = "FERROTUNE_SPLIT_PC")]
+    pub split_pc: Option<u32>,
+    /// Cut conversations to this many tokens.
+    #[arg(long, env = "FERROTUNE_MAX_SEQ_LENGTH", default_value_t = 4096)]
+    pub max_seq_length: usize,
+    /// Pack several conversations into each sequence (boundaries are kept).
+    #[arg(long, env = "FERROTUNE_PACK")]
+    pub pack: bool,
+    /// What to do with malformed rows.
+    #[arg(long, value_enum, env = "FERROTUNE_ON_BAD_ROW", default_value_t = BadRowPolicy::Skip)]
+    pub on_bad_row: BadRowPolicy,
+    /// Rebuild even when the folder already holds this exact preparation.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadRowPolicy {
+    /// Drop malformed rows, count them by reason and show where the first ones are.
+    Skip,
+    /// Stop at the first malformed row (exit code 2).
+    Fail,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// A folder made by `ferrotune data prepare`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Conversation index (0-based, among the kept conversations).
+    #[arg(long, default_value_t = 0)]
+    pub row: u64,
+    /// Never colour the output (also: NO_COLOR set).
+    #[arg(long)]
+    pub no_color: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// A folder made by `ferrotune data prepare`.
+    #[arg(long)]
+    pub data: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// `data prepare` throughput against transformers' apply_chat_template, in one run.
+    Data(BenchDataArgs),
+    /// Training throughput (a later issue).
+    Train(Unbuilt),
+    /// Decoding throughput (a later issue).
+    Decode(Unbuilt),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDataArgs {
+    /// Conversations in the benchmark input (the bundled sample, repeated and merged).
+    #[arg(long, default_value_t = 20_000)]
+    pub rows: usize,
+    /// Sample conversations merged into each benchmark conversation, for ultrachat-like length.
+    #[arg(long, default_value_t = 8)]
+    pub merge: usize,
+    /// Python interpreter with transformers installed, for the reference.
+    #[arg(long, env = "FERROTUNE_PYTHON", default_value = "python3")]
+    pub python: String,
+    /// Rows the Python reference processes (it is slow; its rate is what is compared).
+    #[arg(long, default_value_t = 4_000)]
+    pub reference_rows: usize,
+    /// Skip the Python reference (ferrotune's numbers only).
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Tokenizer folder (default: the bundled Phi-3 tokenizer).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}

@@ -1,0 +1,3 @@
+pub mod bench_data;
+pub mod data;
+pub mod run;

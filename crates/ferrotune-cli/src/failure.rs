@@ -1,0 +1,46 @@
+//! What the binary prints and returns when a command fails.
+
+use ferrotune_data::DataError;
+
+/// An error message and the process exit code (1 runtime, 2 usage/config).
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub const RUNTIME: i32 = 1;
+    pub const USAGE: i32 = 2;
+
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: Self::USAGE,
+            message: message.into(),
+        }
+    }
+
+    pub fn runtime(message: impl Into<String>) -> Failure {
+        Failure {
+            code: Self::RUNTIME,
+            message: message.into(),
+        }
+    }
+
+    /// A command that a later piece of work builds.
+    pub fn not_yet(command: &str, tag: &str) -> Failure {
+        Failure::usage(format!(
+            "`ferrotune {command}` is not yet available in this build (tracked under {tag}); \
+             `ferrotune data prepare|inspect|stats`, `ferrotune run` and `ferrotune bench data` work today"
+        ))
+    }
+}
+
+impl From<DataError> for Failure {
+    fn from(e: DataError) -> Failure {
+        Failure {
+            code: if e.is_usage() { Self::USAGE } else { Self::RUNTIME },
+            message: e.to_string(),
+        }
+    }
+}
