@@ -159,7 +159,7 @@ pub struct BenchDataArgs {
     #[arg(long, default_value_t = 20_000)]
     pub rows: usize,
     /// Sample conversations merged into each benchmark conversation, for ultrachat-like length.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 6)]
     pub merge: usize,
     /// Python interpreter with transformers installed, for the reference.
     #[arg(long, env = "FERROTUNE_PYTHON", default_value = "python3")]

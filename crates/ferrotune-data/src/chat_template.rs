@@ -3,20 +3,29 @@
 //! methods, `raise_exception`, special tokens in the context).
 
 use std::path::Path;
+use std::sync::RwLock;
+
+use ahash::AHashMap;
 
 use minijinja::{context, Environment, Error, ErrorKind, Value};
 
 use crate::error::{DataError, Result};
-use crate::record::Message;
+use crate::record::{Message, Role};
 use crate::special_tokens::SpecialTokens;
 
 const TEMPLATE_NAME: &str = "chat_template";
+/// Distinct (next role, text between turns) pairs remembered; real templates have a handful.
+const CLOSING_CACHE_ENTRIES: usize = 4096;
+
 
 /// A compiled chat template plus the special tokens it may reference.
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
     specials: SpecialTokens,
+    /// Length of an assistant turn's closing, by the role that follows and the exact text
+    /// between the turn's content and the next content (see `label_mask`).
+    closings: RwLock<AHashMap<Option<Role>, AHashMap<Box<str>, usize>>>,
 }
 
 impl ChatTemplate {
@@ -54,6 +63,7 @@ impl ChatTemplate {
             env,
             source,
             specials,
+            closings: RwLock::new(AHashMap::new()),
         })
     }
 
@@ -64,6 +74,19 @@ impl ChatTemplate {
 
     pub fn specials(&self) -> &SpecialTokens {
         &self.specials
+    }
+
+    pub(crate) fn cached_closing(&self, next: Option<Role>, gap: &str) -> Option<usize> {
+        let map = self.closings.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&next)?.get(gap).copied()
+    }
+
+    pub(crate) fn cache_closing(&self, next: Option<Role>, gap: &str, len: usize) {
+        let mut map = self.closings.write().unwrap_or_else(|e| e.into_inner());
+        let by_gap = map.entry(next).or_default();
+        if by_gap.len() < CLOSING_CACHE_ENTRIES {
+            by_gap.insert(Box::from(gap), len);
+        }
     }
 
     /// Render a conversation to text; an `Err` carries the template's own message.

@@ -8,6 +8,7 @@
 //!   texts differ exactly where the content sits (this also follows templates that `trim`);
 //! - closing of turn i: render the conversation cut after turn i (followed by a probe user turn
 //!   when i is last); the text it shares with the full rendering ends where turn i's closing ends.
+//! - fast path: see [`assistant_spans`]; tests run both paths on every fixture.
 //!
 //! A span maps to tokens as transformers' `return_assistant_tokens_mask` maps a `{% generation %}`
 //! span: from the token holding the first character to the last token that ends inside it.
@@ -77,7 +78,95 @@ pub fn tokenize_conversation(
 }
 
 /// Locate every assistant turn of `messages` in `text` (= the full rendering).
+///
+/// Fast path (templates that insert contents verbatim, nearly all): one extra render with every
+/// content replaced by a numbered sentinel places all turns at once, and the closing of a turn is
+/// looked up by the exact text between it and the next turn, learned once per template by the
+/// probe below and cached. Anything unusual falls back to probing turn by turn.
 pub fn assistant_spans(
+    template: &ChatTemplate,
+    messages: &[Message],
+    text: &str,
+) -> Result<Vec<AssistantSpan>, String> {
+    let Some(positions) = content_positions(template, messages, text)? else {
+        return probed_spans(template, messages, text);
+    };
+    let mut spans = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != Role::Assistant {
+            continue;
+        }
+        let (start, end) = positions[i];
+        let next = messages.get(i + 1).map(|m| m.role);
+        let gap_end = positions.get(i + 1).map_or(text.len(), |p| p.0);
+        let gap = &text[end..gap_end];
+        let closing_len = match template.cached_closing(next, gap) {
+            Some(len) => len,
+            None => {
+                let closing_end = closing_end(template, messages, i, text, end)?;
+                let len = closing_end - end;
+                if closing_end <= gap_end {
+                    template.cache_closing(next, gap, len);
+                }
+                len
+            }
+        };
+        spans.push(AssistantSpan {
+            content_start: start,
+            content_end: end,
+            closing_end: end + closing_len,
+        });
+    }
+    Ok(spans)
+}
+
+/// Byte range of every message's content in `text`, or `None` when the template does not
+/// insert contents verbatim (then turns are probed one by one).
+fn content_positions(
+    template: &ChatTemplate,
+    messages: &[Message],
+    text: &str,
+) -> Result<Option<Vec<(usize, usize)>>, String> {
+    let probe: Vec<Message> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Message {
+            role: m.role,
+            content: format!("\u{E000}{i}\u{F8FF}"),
+        })
+        .collect();
+    let probed = template.render(&probe, false)?;
+    let mut positions = Vec::with_capacity(messages.len());
+    let (mut cursor, mut shift) = (0usize, 0isize);
+    for (i, m) in messages.iter().enumerate() {
+        let sentinel = &probe[i].content;
+        let Some(found) = probed[cursor..].find(sentinel.as_str()) else {
+            return Ok(None);
+        };
+        let at = cursor + found;
+        // The text between sentinels must be the real text between contents.
+        let real_at = (at as isize + shift) as usize;
+        let prev_end = positions.last().map_or(0, |&(_, e)| e);
+        if text.get(prev_end..real_at) != probed.get(cursor..at) {
+            return Ok(None);
+        }
+        positions.push((real_at, real_at + m.content.len()));
+        if text.get(real_at..real_at + m.content.len()) != Some(m.content.as_str()) {
+            return Ok(None);
+        }
+        cursor = at + sentinel.len();
+        shift += m.content.len() as isize - sentinel.len() as isize;
+    }
+    let prev_end = positions.last().map_or(0, |&(_, e)| e);
+    if text.get(prev_end..) != probed.get(cursor..) {
+        return Ok(None);
+    }
+    Ok(Some(positions))
+}
+
+/// Turn-by-turn probing, for templates that transform contents (e.g. `trim`); also the
+/// reference the fast path is tested against.
+pub fn probed_spans(
     template: &ChatTemplate,
     messages: &[Message],
     text: &str,
@@ -93,23 +182,33 @@ pub fn assistant_spans(
         let start = floor_char_boundary(text, common_prefix(text.as_bytes(), probed.as_bytes()));
         let suffix = common_suffix(&text.as_bytes()[start..], &probed.as_bytes()[start..]);
         let end = ceil_char_boundary(text, text.len() - suffix);
-
-        let mut cut = messages[..=i].to_vec();
-        if i + 1 == messages.len() {
-            cut.push(Message {
-                role: Role::User,
-                content: SENTINEL.to_string(),
-            });
-        }
-        let after = template.render(&cut, false)?;
-        let closing_end = common_prefix(text.as_bytes(), after.as_bytes()).max(end);
         spans.push(AssistantSpan {
             content_start: start,
             content_end: end,
-            closing_end,
+            closing_end: closing_end(template, messages, i, text, end)?,
         });
     }
     Ok(spans)
+}
+
+/// Where turn `i`'s closing ends: the rendering cut after turn `i` (plus a probe user turn when
+/// `i` is last) shares `text` up to there.
+fn closing_end(
+    template: &ChatTemplate,
+    messages: &[Message],
+    i: usize,
+    text: &str,
+    content_end: usize,
+) -> Result<usize, String> {
+    let mut cut = messages[..=i].to_vec();
+    if i + 1 == messages.len() {
+        cut.push(Message {
+            role: Role::User,
+            content: SENTINEL.to_string(),
+        });
+    }
+    let after = template.render(&cut, false)?;
+    Ok(common_prefix(text.as_bytes(), after.as_bytes()).max(content_end))
 }
 
 /// Per token: trained or not, given byte offsets `[start, end)` per token and the turn spans.

@@ -11,6 +11,7 @@ mod parquet_rows;
 pub mod prepare;
 pub mod prepared;
 pub mod record;
+mod sentencepiece_bpe;
 pub mod shard;
 pub mod source;
 pub mod special_tokens;

@@ -157,7 +157,8 @@ pub struct BuildInfo {
     pub rows_per_second: f64,
     pub tokens_per_second: f64,
     pub threads: usize,
-    pub word_split: bool,
+    /// ferrotune's own SentencePiece-BPE encoder was used (same tokens, faster).
+    pub fast_encoder: bool,
 }
 
 impl Manifest {

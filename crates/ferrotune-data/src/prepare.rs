@@ -180,7 +180,7 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Outcome
             rows_per_second: stats.rows_read as f64 / seconds.max(1e-9),
             tokens_per_second: stats.tokens as f64 / seconds.max(1e-9),
             threads: rayon::current_num_threads(),
-            word_split: tokenizer.uses_word_split(),
+            fast_encoder: tokenizer.uses_fast_encoder(),
         },
         stats,
     };

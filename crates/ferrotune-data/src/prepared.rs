@@ -66,13 +66,7 @@ impl Prepared {
                         message: "holds fewer conversations than the manifest says; prepare again".into(),
                     });
                 }
-                let range = shard.document_range(local);
-                return Ok(StoredDocument {
-                    index,
-                    source_row: shard.document_rows[local],
-                    ids: shard.input_ids[range.clone()].to_vec(),
-                    trainable: shard.trainable[range].iter().map(|&t| t != 0).collect(),
-                });
+                return Ok(stored(&shard, index, local));
             }
             first += info.documents;
         }
@@ -84,9 +78,36 @@ impl Prepared {
         )))
     }
 
+    /// Every conversation in order, reading each shard once.
+    pub fn documents(&self) -> impl Iterator<Item = Result<StoredDocument>> + '_ {
+        let mut first = 0u64;
+        self.manifest.shards.iter().flat_map(move |info| {
+            let base = first;
+            first += info.documents;
+            let docs: Vec<Result<StoredDocument>> =
+                match ShardData::read(&self.dir.join(&info.file)) {
+                    Ok(shard) => (0..shard.document_count())
+                        .map(|i| Ok(stored(&shard, base + i as u64, i)))
+                        .collect(),
+                    Err(e) => vec![Err(e)],
+                };
+            docs
+        })
+    }
+
     /// The tokenizer copied into the folder at prepare time.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         Tokenizer::load(&self.dir.join(TOKENIZER_DIR))
+    }
+}
+
+fn stored(shard: &ShardData, index: u64, local: usize) -> StoredDocument {
+    let range = shard.document_range(local);
+    StoredDocument {
+        index,
+        source_row: shard.document_rows[local],
+        ids: shard.input_ids[range.clone()].to_vec(),
+        trainable: shard.trainable[range].iter().map(|&t| t != 0).collect(),
     }
 }
 

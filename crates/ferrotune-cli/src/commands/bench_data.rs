@@ -59,7 +59,7 @@ pub fn run(args: &BenchDataArgs, json_out: bool) -> Result<(), Failure> {
         "rows": m.stats.rows_read, "tokens": m.stats.tokens, "seconds": wall,
         "rows_per_second": m.stats.rows_read as f64 / wall,
         "tokens_per_second": m.stats.tokens as f64 / wall,
-        "threads": m.build.threads, "word_split": m.build.word_split,
+        "threads": m.build.threads, "fast_encoder": m.build.fast_encoder,
     });
 
     let reference = if args.no_reference {
@@ -154,8 +154,8 @@ fn run_reference(
 fn check_same_tokens(prepared: &Path, r: &ReferenceResult) -> Result<(), Failure> {
     let data = Prepared::open(prepared)?;
     let (mut tokens, mut trainable) = (0u64, 0u64);
-    for i in 0..r.rows {
-        let doc = data.document(i)?;
+    for doc in data.documents().take(r.rows as usize) {
+        let doc = doc?;
         tokens += doc.ids.len() as u64;
         trainable += doc.trainable.iter().filter(|&&t| t).count() as u64;
     }
