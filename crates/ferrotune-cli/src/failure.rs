@@ -39,7 +39,11 @@ impl Failure {
 impl From<DataError> for Failure {
     fn from(e: DataError) -> Failure {
         Failure {
-            code: if e.is_usage() { Self::USAGE } else { Self::RUNTIME },
+            code: if e.is_usage() {
+                Self::USAGE
+            } else {
+                Self::RUNTIME
+            },
             message: e.to_string(),
         }
     }

@@ -17,6 +17,8 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// Distinct (next role, text between turns) pairs remembered; real templates have a handful.
 const CLOSING_CACHE_ENTRIES: usize = 4096;
 
+/// Closing length by the role that follows (None: end of conversation), then by gap text.
+type ClosingCache = AHashMap<Option<Role>, AHashMap<Box<str>, usize>>;
 
 /// A compiled chat template plus the special tokens it may reference.
 pub struct ChatTemplate {
@@ -25,7 +27,7 @@ pub struct ChatTemplate {
     specials: SpecialTokens,
     /// Length of an assistant turn's closing, by the role that follows and the exact text
     /// between the turn's content and the next content (see `label_mask`).
-    closings: RwLock<AHashMap<Option<Role>, AHashMap<Box<str>, usize>>>,
+    closings: RwLock<ClosingCache>,
 }
 
 impl ChatTemplate {
@@ -54,9 +56,12 @@ impl ChatTemplate {
                 .expect("default delimiters are valid"),
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(&source))
             .map_err(|e| DataError::Template(format!("does not compile: {e:#}")))?;
         Ok(ChatTemplate {
@@ -130,10 +135,11 @@ fn template_from_config(dir: &Path) -> Result<String> {
         path: path.clone(),
         message: format!("cannot read ({e}); a tokenizer folder needs tokenizer_config.json with a chat_template"),
     })?;
-    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::Tokenizer {
-        path: path.clone(),
-        message: format!("invalid JSON: {e}"),
-    })?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| DataError::Tokenizer {
+            path: path.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?;
     match config.get("chat_template") {
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
         Some(serde_json::Value::Array(named)) => named
@@ -196,7 +202,10 @@ mod tests {
         let src = "{% for m in messages %}\n  {{ m.role.upper() }}:{{ m['content'].strip() }}|\n{% endfor %}{{ eos_token }}";
         let t = ChatTemplate::new(src.into(), specials()).unwrap();
         let out = t
-            .render(&[msg(Role::User, "  hi "), msg(Role::Assistant, "yo")], false)
+            .render(
+                &[msg(Role::User, "  hi "), msg(Role::Assistant, "yo")],
+                false,
+            )
             .unwrap();
         // Expected value from Jinja2 (ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks).
         assert_eq!(out, "  USER:hi|\n  ASSISTANT:yo|\n<|endoftext|>");
@@ -219,7 +228,9 @@ mod tests {
 
     #[test]
     fn a_template_that_does_not_compile_is_a_clear_error() {
-        let err = ChatTemplate::new("{% for %}".into(), specials()).err().unwrap();
+        let err = ChatTemplate::new("{% for %}".into(), specials())
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("does not compile"), "{err}");
     }
 }

@@ -12,7 +12,9 @@ pub enum DataError {
     #[error("{0}")]
     Input(String),
     /// A row is malformed and `--on-bad-row fail` was asked for.
-    #[error("bad row at {location}: {reason} ({detail}); fix the row or rerun with --on-bad-row skip")]
+    #[error(
+        "bad row at {location}: {reason} ({detail}); fix the row or rerun with --on-bad-row skip"
+    )]
     BadRow {
         location: RowLocation,
         reason: crate::record::BadRowReason,

@@ -59,8 +59,8 @@ pub fn tokenize_conversation(
     let text = template
         .render(messages, false)
         .map_err(|e| (BadRowReason::TemplateError, e))?;
-    let spans = assistant_spans(template, messages, &text)
-        .map_err(|e| (BadRowReason::TemplateError, e))?;
+    let spans =
+        assistant_spans(template, messages, &text).map_err(|e| (BadRowReason::TemplateError, e))?;
     let enc = tokenizer
         .encode(&text)
         .map_err(|e| (BadRowReason::TemplateError, format!("tokenizer: {e}")))?;
@@ -290,10 +290,7 @@ mod tests {
             content_end: 33,
             closing_end: 41,
         };
-        assert_eq!(
-            mask_tokens(&offsets, &[span]),
-            [false, true, true, false]
-        );
+        assert_eq!(mask_tokens(&offsets, &[span]), [false, true, true, false]);
     }
 
     #[test]

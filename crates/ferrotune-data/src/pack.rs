@@ -25,7 +25,10 @@ impl Packer {
 
     /// Add a document; returns the sequence it closed, if any.
     pub fn push(&mut self, doc: Document) -> Option<Vec<Document>> {
-        debug_assert!(doc.ids.len() <= self.max_len, "documents are truncated first");
+        debug_assert!(
+            doc.ids.len() <= self.max_len,
+            "documents are truncated first"
+        );
         let closed = if self.open_len + doc.ids.len() > self.max_len && !self.open.is_empty() {
             self.open_len = 0;
             Some(std::mem::take(&mut self.open))

@@ -5,8 +5,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow_array::{
-    Array, ArrayRef, GenericListArray, LargeStringArray, OffsetSizeTrait, RecordBatch,
-    StringArray, StringViewArray, StructArray,
+    Array, ArrayRef, GenericListArray, LargeStringArray, OffsetSizeTrait, RecordBatch, StringArray,
+    StringViewArray, StructArray,
 };
 use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
@@ -90,10 +90,12 @@ impl ParquetRows {
                         .and_then(|c| string_at(c.as_ref(), i))
                         .flatten()
                         .map(str::to_owned);
-                    let messages = batch
-                        .column_by_name("messages")
-                        .expect("projected at open");
-                    return Some(Ok(finish_row(location, prompt_id, read_messages(messages, i))));
+                    let messages = batch.column_by_name("messages").expect("projected at open");
+                    return Some(Ok(finish_row(
+                        location,
+                        prompt_id,
+                        read_messages(messages, i),
+                    )));
                 }
             }
             match self.reader.next()? {
@@ -133,10 +135,7 @@ fn list_row<O: OffsetSizeTrait>(list: &GenericListArray<O>, i: usize) -> RawMess
     (0..items.len())
         .map(|j| {
             if items.is_null(j) {
-                return Err((
-                    BadRowReason::MissingField,
-                    format!("messages[{j}] is null"),
-                ));
+                return Err((BadRowReason::MissingField, format!("messages[{j}] is null")));
             }
             let field = |arr: &ArrayRef, name: &str| {
                 string_at(arr.as_ref(), j)
@@ -165,7 +164,8 @@ fn string_at(arr: &dyn Array, i: usize) -> Option<Option<&str>> {
     } else if let Some(a) = any.downcast_ref::<LargeStringArray>() {
         Some(Some(a.value(i)))
     } else {
-        any.downcast_ref::<StringViewArray>().map(|a| Some(a.value(i)))
+        any.downcast_ref::<StringViewArray>()
+            .map(|a| Some(a.value(i)))
     }
 }
 

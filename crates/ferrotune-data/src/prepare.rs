@@ -11,9 +11,8 @@ use crate::chat_template::ChatTemplate;
 use crate::error::{DataError, Result};
 use crate::label_mask::tokenize_conversation;
 use crate::manifest::{
-    hash_file, BuildInfo, CacheKeyParts, InputFile, InputInfo, Manifest, OnBadRow,
-    Percentiles, PrepareSettings, Stats, TokenizerInfo, MANIFEST_FILE, PREPARED_FORMAT_VERSION,
-    TOKENIZER_DIR,
+    hash_file, BuildInfo, CacheKeyParts, InputFile, InputInfo, Manifest, OnBadRow, Percentiles,
+    PrepareSettings, Stats, TokenizerInfo, MANIFEST_FILE, PREPARED_FORMAT_VERSION, TOKENIZER_DIR,
 };
 use crate::pack::Packer;
 use crate::record::{BadRow, BadRowReason, Conversation};
@@ -96,7 +95,9 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Outcome
         pack: opts.pack,
         on_bad_row: opts.on_bad_row,
     };
-    let template_hash = blake3::hash(template.source().as_bytes()).to_hex().to_string();
+    let template_hash = blake3::hash(template.source().as_bytes())
+        .to_hex()
+        .to_string();
     let key = CacheKeyParts {
         format_version: PREPARED_FORMAT_VERSION,
         input_format: source.format,
@@ -309,7 +310,8 @@ fn tokenize_split(
         writer.push_sequence(seq)?;
     }
     stats.sequences = seq_lens.len() as u64;
-    stats.fill_ratio = stats.tokens as f64 / (stats.sequences.max(1) as f64 * opts.max_seq_length as f64);
+    stats.fill_ratio =
+        stats.tokens as f64 / (stats.sequences.max(1) as f64 * opts.max_seq_length as f64);
     stats.document_tokens = Percentiles::of(&mut doc_lens);
     stats.sequence_tokens = Percentiles::of(&mut seq_lens);
     Ok((stats, writer.finish()?))
@@ -455,7 +457,9 @@ impl Staging {
     fn commit(mut self, out: &Path) -> Result<()> {
         let old = out.with_file_name(format!(
             ".{}.old-{}",
-            out.file_name().expect("checked in create").to_string_lossy(),
+            out.file_name()
+                .expect("checked in create")
+                .to_string_lossy(),
             std::process::id()
         ));
         let had_old = out.exists();

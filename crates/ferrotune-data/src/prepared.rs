@@ -63,7 +63,8 @@ impl Prepared {
                 if local >= shard.document_count() {
                     return Err(DataError::Prepared {
                         path: self.dir.join(&info.file),
-                        message: "holds fewer conversations than the manifest says; prepare again".into(),
+                        message: "holds fewer conversations than the manifest says; prepare again"
+                            .into(),
                     });
                 }
                 return Ok(stored(&shard, index, local));

@@ -64,10 +64,14 @@ impl ShardWriter {
             self.buf
                 .trainable
                 .extend(doc.trainable.iter().map(|&t| u8::from(t)));
-            self.buf.document_offsets.push(self.buf.input_ids.len() as u64);
+            self.buf
+                .document_offsets
+                .push(self.buf.input_ids.len() as u64);
             self.buf.document_rows.push(doc.row);
         }
-        self.buf.sequence_offsets.push(self.buf.input_ids.len() as u64);
+        self.buf
+            .sequence_offsets
+            .push(self.buf.input_ids.len() as u64);
         if self.buf.input_ids.len() >= self.target_tokens {
             self.flush()?;
         }
@@ -135,7 +139,11 @@ impl ShardData {
     }
 
     fn write(&self, path: &Path) -> Result<()> {
-        let ids: Vec<u8> = self.input_ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let ids: Vec<u8> = self
+            .input_ids
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let seq = u64_bytes(&self.sequence_offsets);
         let docs = u64_bytes(&self.document_offsets);
         let rows = u64_bytes(&self.document_rows);
@@ -143,8 +151,14 @@ impl ShardData {
             TensorView::new(dtype, vec![len], data).expect("buffer sizes match their shapes")
         };
         let tensors = vec![
-            ("input_ids", view(Dtype::U32, self.input_ids.len(), &ids[..])),
-            ("trainable", view(Dtype::U8, self.trainable.len(), &self.trainable[..])),
+            (
+                "input_ids",
+                view(Dtype::U32, self.input_ids.len(), &ids[..]),
+            ),
+            (
+                "trainable",
+                view(Dtype::U8, self.trainable.len(), &self.trainable[..]),
+            ),
             (
                 "sequence_offsets",
                 view(Dtype::U64, self.sequence_offsets.len(), &seq[..]),
@@ -237,10 +251,14 @@ mod tests {
             .unwrap();
         w.push_sequence(vec![doc(1, &[4, 5], &[false, true]), doc(2, &[6], &[true])])
             .unwrap();
-        w.push_sequence(vec![doc(3, &[7, 8], &[true, false])]).unwrap();
+        w.push_sequence(vec![doc(3, &[7, 8], &[true, false])])
+            .unwrap();
         let infos = w.finish().unwrap();
         assert_eq!(infos.len(), 2);
-        assert_eq!((infos[0].sequences, infos[0].documents, infos[0].tokens), (2, 3, 6));
+        assert_eq!(
+            (infos[0].sequences, infos[0].documents, infos[0].tokens),
+            (2, 3, 6)
+        );
         assert_eq!(infos[0].trainable_tokens, 4);
         let s0 = ShardData::read(&dir.path().join(&infos[0].file)).unwrap();
         assert_eq!(s0.input_ids, [1, 2, 3, 4, 5, 6]);

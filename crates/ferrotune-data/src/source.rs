@@ -319,7 +319,10 @@ fn json_message(
         Some(serde_json::Value::String(s)) => Ok(s.clone()),
         Some(other) => Err((
             BadRowReason::WrongType,
-            format!("messages[{i}].{name} is {}, expected a string", json_kind(other)),
+            format!(
+                "messages[{i}].{name} is {}, expected a string",
+                json_kind(other)
+            ),
         )),
     };
     Ok((field("role")?, field("content")?))
@@ -418,7 +421,10 @@ mod tests {
         assert_eq!(reason("[1, 2]"), BadRowReason::WrongType);
         assert_eq!(reason(r#"{"prompt": "x"}"#), BadRowReason::MissingField);
         assert_eq!(reason(r#"{"messages": "hi"}"#), BadRowReason::WrongType);
-        assert_eq!(reason(r#"{"messages": []}"#), BadRowReason::EmptyConversation);
+        assert_eq!(
+            reason(r#"{"messages": []}"#),
+            BadRowReason::EmptyConversation
+        );
         assert_eq!(
             reason(r#"{"messages": [{"role": "user"}]}"#),
             BadRowReason::MissingField

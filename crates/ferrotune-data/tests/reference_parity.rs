@@ -26,21 +26,31 @@ struct Reference {
 
 fn references() -> Vec<Reference> {
     let text = std::fs::read_to_string(fixtures().join("data/phi3_chat_reference.jsonl")).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn template() -> ChatTemplate {
     let dir = tokenizer_dir();
-    ChatTemplate::from_tokenizer_dir(&dir, SpecialTokens::from_tokenizer_dir(&dir).unwrap()).unwrap()
+    ChatTemplate::from_tokenizer_dir(&dir, SpecialTokens::from_tokenizer_dir(&dir).unwrap())
+        .unwrap()
 }
 
 #[test]
 fn rendered_text_tokens_and_labels_match_transformers_exactly() {
     let template = template();
     let tokenizer = Tokenizer::load(&tokenizer_dir()).unwrap();
-    assert!(tokenizer.uses_fast_encoder(), "Phi-3's tokenizer has the fast encoder's shape");
+    assert!(
+        tokenizer.uses_fast_encoder(),
+        "Phi-3's tokenizer has the fast encoder's shape"
+    );
     let refs = references();
-    assert!(refs.len() >= 30, "fixture holds {} conversations", refs.len());
+    assert!(
+        refs.len() >= 30,
+        "fixture holds {} conversations",
+        refs.len()
+    );
     for r in refs {
         let text = template.render(&r.messages, false).unwrap();
         assert_eq!(text, r.text, "{}: rendered text differs", r.name);
@@ -102,7 +112,10 @@ fn known_tokens_have_phi3_ids() {
 fn the_assistant_turn_is_trained_through_its_closing_end_token_only() {
     let template = template();
     let tokenizer = Tokenizer::load(&tokenizer_dir()).unwrap();
-    let r = references().into_iter().find(|r| r.name == "multi_turn").unwrap();
+    let r = references()
+        .into_iter()
+        .find(|r| r.name == "multi_turn")
+        .unwrap();
     let got = tokenize_conversation(&template, &tokenizer, &r.messages).unwrap();
     let end = 32007;
     // Each trained run ends with <|end|> and the token after it (a header or EOS) is not trained.
@@ -120,7 +133,10 @@ fn the_assistant_turn_is_trained_through_its_closing_end_token_only() {
     }
     assert_eq!(runs, 3, "three assistant turns");
     assert_eq!(*got.ids.last().unwrap(), 32000);
-    assert!(!got.trainable.last().unwrap(), "EOS after the last turn is not trained");
+    assert!(
+        !got.trainable.last().unwrap(),
+        "EOS after the last turn is not trained"
+    );
 }
 
 #[test]
@@ -128,9 +144,40 @@ fn the_fast_encoder_agrees_on_random_texts() {
     let fast = Tokenizer::load(&tokenizer_dir()).unwrap();
     let plain = Tokenizer::load_as_written(&tokenizer_dir()).unwrap();
     let pieces = [
-        " ", "  ", "\n", "\t", "a", "the", "▁", "ing", "Hello", "é", "ć", "ђ", "中", "🦙", "Ꙋ",
-        "<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>", "<s>", "<", "|", ">", "0", "42",
-        ".", ",", "'", "\u{3000}", "\u{a0}", "\r\n", "über", "naïve", "\u{0301}",
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        "a",
+        "the",
+        "▁",
+        "ing",
+        "Hello",
+        "é",
+        "ć",
+        "ђ",
+        "中",
+        "🦙",
+        "Ꙋ",
+        "<|end|>",
+        "<|user|>",
+        "<|assistant|>",
+        "<|endoftext|>",
+        "<s>",
+        "<",
+        "|",
+        ">",
+        "0",
+        "42",
+        ".",
+        ",",
+        "'",
+        "\u{3000}",
+        "\u{a0}",
+        "\r\n",
+        "über",
+        "naïve",
+        "\u{0301}",
     ];
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = || {
@@ -141,8 +188,14 @@ fn the_fast_encoder_agrees_on_random_texts() {
     };
     for _ in 0..3000 {
         let len = (next() % 24) as usize;
-        let text: String = (0..len).map(|_| pieces[(next() % pieces.len() as u64) as usize]).collect();
-        assert_eq!(fast.encode(&text).unwrap(), plain.encode(&text).unwrap(), "{text:?}");
+        let text: String = (0..len)
+            .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+            .collect();
+        assert_eq!(
+            fast.encode(&text).unwrap(),
+            plain.encode(&text).unwrap(),
+            "{text:?}"
+        );
     }
 }
 
@@ -165,14 +218,24 @@ fn the_fast_span_finder_agrees_with_turn_by_turn_probing() {
 fn templates_that_trim_content_are_masked_on_the_trimmed_text() {
     use ferrotune_data::label_mask::assistant_spans;
     use ferrotune_data::Role;
-    let src = "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>\n{% endfor %}";
+    let src =
+        "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>\n{% endfor %}";
     let template = ChatTemplate::new(src.into(), SpecialTokens::default()).unwrap();
     let msgs = vec![
-        Message { role: Role::User, content: "  hi  ".into() },
-        Message { role: Role::Assistant, content: "  hello there \n".into() },
+        Message {
+            role: Role::User,
+            content: "  hi  ".into(),
+        },
+        Message {
+            role: Role::Assistant,
+            content: "  hello there \n".into(),
+        },
     ];
     let text = template.render(&msgs, false).unwrap();
-    assert_eq!(text, "<user>hi</user>\n<assistant>hello there</assistant>\n");
+    assert_eq!(
+        text,
+        "<user>hi</user>\n<assistant>hello there</assistant>\n"
+    );
     let spans = assistant_spans(&template, &msgs, &text).unwrap();
     assert_eq!(spans.len(), 1);
     let s = spans[0];

@@ -74,13 +74,18 @@ pub fn run(args: &BenchDataArgs, json_out: bool) -> Result<(), Failure> {
         ours_rate / (r.tokens as f64 / r.seconds)
     });
     if json_out {
-        let reference = reference.as_ref().map(|r| json!({
-            "rows": r.rows, "tokens": r.tokens, "seconds": r.seconds,
-            "import_seconds": r.import_seconds,
-            "rows_per_second": r.rows as f64 / r.seconds,
-            "tokens_per_second": r.tokens as f64 / r.seconds,
-        }));
-        println!("{}", json!({"ferrotune": ours, "reference": reference, "speedup_tokens_per_second": ratio}));
+        let reference = reference.as_ref().map(|r| {
+            json!({
+                "rows": r.rows, "tokens": r.tokens, "seconds": r.seconds,
+                "import_seconds": r.import_seconds,
+                "rows_per_second": r.rows as f64 / r.seconds,
+                "tokens_per_second": r.tokens as f64 / r.seconds,
+            })
+        });
+        println!(
+            "{}",
+            json!({"ferrotune": ours, "reference": reference, "speedup_tokens_per_second": ratio})
+        );
         return Ok(());
     }
     println!(
@@ -186,7 +191,10 @@ fn write_bench_input(path: &Path, rows: usize, merge: usize) -> Result<(), Failu
         let mut messages = Vec::new();
         for k in 0..merge {
             let conv = &sample[(row * merge + k) % sample.len()];
-            for m in conv["messages"].as_array().expect("sample rows have messages") {
+            for m in conv["messages"]
+                .as_array()
+                .expect("sample rows have messages")
+            {
                 let mut m = m.clone();
                 if m["role"] == "assistant" {
                     let words = 40 + rng.below(60);

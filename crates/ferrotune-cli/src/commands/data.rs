@@ -168,9 +168,8 @@ pub fn inspect(args: &InspectArgs, json: bool) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    let colour = std::io::stdout().is_terminal()
-        && !args.no_color
-        && std::env::var_os("NO_COLOR").is_none();
+    let colour =
+        std::io::stdout().is_terminal() && !args.no_color && std::env::var_os("NO_COLOR").is_none();
     let trained = doc.trainable.iter().filter(|&&t| t).count();
     let mut out = std::io::stdout().lock();
     let legend = if colour {
@@ -201,7 +200,7 @@ pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

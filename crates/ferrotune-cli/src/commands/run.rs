@@ -23,7 +23,10 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
     let tokenizer = work.join("assets/tokenizer");
     let sample = work.join("assets/ultrachat_sample");
     let written = |e: std::io::Error| {
-        Failure::runtime(format!("writing bundled assets under {}: {e}", work.display()))
+        Failure::runtime(format!(
+            "writing bundled assets under {}: {e}",
+            work.display()
+        ))
     };
     assets::materialise(&tokenizer, &assets::TOKENIZER).map_err(written)?;
     assets::materialise(&sample, &assets::SAMPLE_JSONL).map_err(written)?;
