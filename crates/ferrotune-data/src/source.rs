@@ -246,6 +246,10 @@ impl JsonlRows {
                 Err(e) => return Some(Err(DataError::io(&self.path, e))),
             }
             self.line += 1;
+            // Files saved by some Windows tools start with a UTF-8 byte-order mark.
+            if self.line == 1 && self.buf.starts_with(b"\xEF\xBB\xBF") {
+                self.buf.drain(..3);
+            }
             if self.buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -450,6 +454,17 @@ mod tests {
         assert_eq!(id.as_deref(), Some("abc"));
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[1].content, "a");
+    }
+
+    #[test]
+    fn a_byte_order_mark_does_not_spoil_the_first_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bom.jsonl");
+        let row = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#;
+        std::fs::write(&p, format!("\u{FEFF}{row}\n")).unwrap();
+        let mut rows = JsonlRows::open(&p).unwrap();
+        assert!(rows.next().unwrap().unwrap().is_ok());
+        assert!(rows.next().is_none());
     }
 
     #[test]

@@ -1,0 +1,18 @@
+//! ferrotune-model: Phi-3 with LoRA on candle. Config in both hub and transformers-5 forms,
+//! HF-layout weights, a differentiable forward whose frozen weights never get gradients, PEFT's
+//! LoRA, and the causal-LM loss.
+
+pub mod config;
+pub mod error;
+pub mod frozen_linear;
+pub mod lora;
+pub mod loss;
+pub mod mask;
+pub mod phi3;
+pub mod rope;
+pub mod weights;
+
+pub use config::{Phi3Config, RopeScaling};
+pub use error::{ModelError, Result};
+pub use lora::{LoraConfig, LoraPair};
+pub use phi3::{Batch, Phi3};

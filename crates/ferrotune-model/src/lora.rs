@@ -1,0 +1,109 @@
+//! LoRA as PEFT defines it: `y = x·Wᵀ + scale · dropout(x)·Aᵀ·Bᵀ` with `A` `[r, in]`
+//! (Kaiming-uniform, a=√5, i.e. U(±1/√in)), `B` `[out, r]` (zeros), `scale = alpha / r`
+//! (`alpha / √r` with rsLoRA). Only the adapter term is scaled, never the base output.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::frozen_linear::FrozenMatmul;
+
+/// PEFT's LoRA hyper-parameters (names as in `adapter_config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Module names adapted: any of `qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj`.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            target_modules: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
+            use_rslora: false,
+        }
+    }
+}
+
+/// Every linear of a Phi-3 decoder layer.
+pub const ALL_TARGETS: [&str; 4] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    pub fn targets(&self, module: &str) -> bool {
+        self.target_modules.iter().any(|t| t == module)
+    }
+}
+
+/// The trainable pair of one adapted linear.
+pub struct LoraPair {
+    /// `[r, in]`
+    pub a: Var,
+    /// `[out, r]`
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl LoraPair {
+    /// PEFT's initialisation; `seed_values` supplies U(0,1) draws so runs are reproducible.
+    pub fn init(
+        r: usize,
+        in_dim: usize,
+        out_dim: usize,
+        cfg: &LoraConfig,
+        uniform: &mut dyn FnMut() -> f32,
+        device: &Device,
+    ) -> Result<LoraPair> {
+        let bound = 1.0 / (in_dim as f32).sqrt();
+        let a: Vec<f32> = (0..r * in_dim).map(|_| (2.0 * uniform() - 1.0) * bound).collect();
+        Ok(LoraPair {
+            a: Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), device)?)?,
+            b: Var::zeros((out_dim, r), DType::F32, device)?,
+            scale: cfg.scale(),
+            dropout: cfg.lora_dropout,
+        })
+    }
+
+    /// `scale · dropout(x)·Aᵀ·Bᵀ` for `x` `[..., in]`, computed in `x`'s dtype.
+    pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = if train && self.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.dropout as f32)?
+        } else {
+            x.clone()
+        };
+        let a = self.a.as_tensor().to_dtype(x.dtype())?;
+        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        x.broadcast_matmul(&a.t()?)?
+            .broadcast_matmul(&b.t()?)?
+            .affine(self.scale, 0.0)
+    }
+}
+
+/// A frozen projection with an optional adapter.
+pub struct Linear {
+    pub base: FrozenMatmul,
+    pub lora: Option<LoraPair>,
+}
+
+impl Linear {
+    /// `[..., in]` → `[..., out]`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.lora {
+            Some(l) => y + l.delta(x, train)?,
+            None => Ok(y),
+        }
+    }
+}

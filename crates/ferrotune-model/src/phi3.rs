@@ -1,0 +1,317 @@
+//! ferrotune's differentiable Phi-3 (transformers' `Phi3ForCausalLM`): fused `qkv_proj` and
+//! `gate_up_proj` as in the checkpoint, RoPE, RMSNorm, SwiGLU, causal attention with padding,
+//! packed documents and sliding window. Base weights are frozen tensors; only LoRA pairs are
+//! `Var`s. Every op here records a backward (no fused candle op that cuts the graph).
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
+
+use crate::config::Phi3Config;
+use crate::frozen_linear::FrozenMatmul;
+use crate::lora::{LoraConfig, LoraPair, Linear};
+use crate::rope::{self, Rope};
+
+/// Weight names follow the checkpoint (`model.layers.{i}.self_attn.qkv_proj.weight`, ...).
+pub struct Phi3 {
+    cfg: Phi3Config,
+    dtype: DType,
+    device: Device,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: FrozenMatmul,
+    rope: Rope,
+}
+
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    qkv_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: Tensor,
+    gate_up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// One batch as the model sees it. Shapes: `[b, t]`.
+pub struct Batch {
+    /// Token ids, u32 `[b, t]`.
+    pub input_ids: Tensor,
+    /// Position per token (restarting at 0 for each packed document).
+    pub positions: Vec<Vec<u32>>,
+    /// Additive attention bias `[b, 1, t, t]` (f32): 0 where a query may attend a key.
+    pub attention_bias: Tensor,
+}
+
+/// Fetches one named weight of a given shape (see `weights`).
+pub trait WeightSource {
+    fn tensor(&self, name: &str, shape: &[usize]) -> crate::Result<Tensor>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+impl Phi3 {
+    /// Build from a weight source; base weights frozen, in `dtype`, on `device`.
+    pub fn load(
+        cfg: &Phi3Config,
+        weights: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> crate::Result<Phi3> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let embed_tokens = weights.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let lm_head = if cfg.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            embed_tokens.clone()
+        } else {
+            weights.tensor("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let linear = |name: &str, shape: [usize; 2]| -> crate::Result<Linear> {
+                Ok(Linear {
+                    base: FrozenMatmul::new(weights.tensor(&format!("{p}.{name}.weight"), &shape)?),
+                    lora: None,
+                })
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: weights.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv_proj: linear("self_attn.qkv_proj", [cfg.qkv_size(), h])?,
+                o_proj: linear("self_attn.o_proj", [h, cfg.num_attention_heads * cfg.head_dim])?,
+                post_attention_layernorm: weights
+                    .tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up_proj: linear("mlp.gate_up_proj", [2 * i, h])?,
+                down_proj: linear("mlp.down_proj", [h, i])?,
+            });
+        }
+        Ok(Phi3 {
+            cfg: cfg.clone(),
+            dtype,
+            device: device.clone(),
+            embed_tokens,
+            norm: weights.tensor("model.norm.weight", &[h])?,
+            lm_head: FrozenMatmul::new(lm_head),
+            layers,
+            rope: Rope::new(cfg),
+        })
+    }
+
+    pub fn config(&self) -> &Phi3Config {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Attach fresh LoRA pairs (PEFT initialisation) to the targeted linears.
+    pub fn add_lora(&mut self, lora: &LoraConfig, seed: u64) -> Result<()> {
+        let mut rng = SplitMix(seed);
+        let mut uniform = move || rng.unit();
+        for layer in &mut self.layers {
+            for (name, linear) in layer.linears_mut() {
+                if lora.targets(name) {
+                    let (out, inp) = linear.base.weight().dims2()?;
+                    linear.lora = Some(LoraPair::init(
+                        lora.r,
+                        inp,
+                        out,
+                        lora,
+                        &mut uniform,
+                        &self.device,
+                    )?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every LoRA pair with its PEFT module path
+    /// (`model.layers.{i}.self_attn.qkv_proj`, ...), in layer order.
+    pub fn lora_pairs(&self) -> Vec<(String, &LoraPair)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (name, linear) in layer.linears() {
+                if let Some(pair) = &linear.lora {
+                    out.push((format!("model.layers.{l}.{}", module_path(name)), pair));
+                }
+            }
+        }
+        out
+    }
+
+    /// Mutable access to a linear by PEFT module path, to load adapter weights into it.
+    pub fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
+        let rest = path.strip_prefix("model.layers.")?;
+        let (l, module) = rest.split_once('.')?;
+        let layer = self.layers.get_mut(l.parse::<usize>().ok()?)?;
+        layer
+            .linears_mut()
+            .into_iter()
+            .find(|(name, _)| module_path(name) == module)
+            .map(|(_, linear)| linear)
+    }
+
+    /// The trainable variables (A then B of each pair, in `lora_pairs` order).
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.lora_pairs()
+            .into_iter()
+            .flat_map(|(_, p)| [p.a.clone(), p.b.clone()])
+            .collect()
+    }
+
+    /// Token embeddings `[b, t, hidden]` in the model dtype.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size).forward(input_ids)
+    }
+
+    /// Hidden states after all decoder layers and the final norm, `[b, t, hidden]`.
+    pub fn hidden_states(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        let (cos, sin) = self.rope.cos_sin(&batch.positions, self.dtype, &self.device)?;
+        let mut x = self.embed(&batch.input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &batch.attention_bias, &self.cfg, train)?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Logits `[b, t, vocab]` (in f32).
+    pub fn logits(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        self.lm_head
+            .forward(&self.hidden_states(batch, train)?)?
+            .to_dtype(DType::F32)
+    }
+}
+
+impl DecoderLayer {
+    fn linears(&self) -> [(&'static str, &Linear); 4] {
+        [
+            ("qkv_proj", &self.qkv_proj),
+            ("o_proj", &self.o_proj),
+            ("gate_up_proj", &self.gate_up_proj),
+            ("down_proj", &self.down_proj),
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        [
+            ("qkv_proj", &mut self.qkv_proj),
+            ("o_proj", &mut self.o_proj),
+            ("gate_up_proj", &mut self.gate_up_proj),
+            ("down_proj", &mut self.down_proj),
+        ]
+    }
+
+    /// `[b, t, hidden]` → `[b, t, hidden]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cfg: &Phi3Config,
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps)?;
+        let x = (x + self.attention(&h, cos, sin, bias, cfg, train)?)?;
+        let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let gate_up = self.gate_up_proj.forward(&h, train)?;
+        let i = cfg.intermediate_size;
+        let gate = gate_up.narrow(D::Minus1, 0, i)?;
+        let up = gate_up.narrow(D::Minus1, i, i)?;
+        // silu(g) = g·sigmoid(g), written out so it records a backward.
+        let act = (&gate * sigmoid(&gate)?)?;
+        x + self.down_proj.forward(&(up * act)?, train)?
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cfg: &Phi3Config,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let qkv = self.qkv_proj.forward(x, train)?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, start * hd, n * hd)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = rope::apply(&heads(0, nh)?, cos, sin)?;
+        let k = rope::apply(&heads(nh, nkv)?, cos, sin)?;
+        let v = heads(nh + nkv, nkv)?;
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        // Scores and softmax in f32, as transformers' eager attention does.
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .affine(scale, 0.0)?
+            .broadcast_add(bias)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out, train)
+    }
+}
+
+/// `checkpoint name` of a decoder linear.
+fn module_path(name: &str) -> &'static str {
+    match name {
+        "qkv_proj" => "self_attn.qkv_proj",
+        "o_proj" => "self_attn.o_proj",
+        "gate_up_proj" => "mlp.gate_up_proj",
+        _ => "mlp.down_proj",
+    }
+}
+
+/// `[b, kv, t, d]` → `[b, kv·n, t, d]`, each kv head repeated `n` times in place.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, d))?
+        .reshape((b, kv * n, t, d))
+}
+
+/// RMSNorm in f32 as transformers computes it, weight applied in the input dtype.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    xf.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension from differentiable ops (the max is a constant shift).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// splitmix64, for reproducible LoRA initialisation without a dependency.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn unit(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+    }
+}

@@ -1,0 +1,86 @@
+//! Rotary position embeddings as transformers computes them for Phi-3, in f32 like PyTorch
+//! (inverse frequencies, position × frequency and cos/sin all in f32), incl. `longrope`.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::config::{Phi3Config, RopeScaling};
+
+/// Inverse frequencies and scaling for one model.
+pub struct Rope {
+    head_dim: usize,
+    short: Vec<f32>,
+    /// longrope's frequencies beyond `original_max_position_embeddings` (with that limit).
+    long: Option<(Vec<f32>, usize)>,
+    scale: f32,
+}
+
+impl Rope {
+    pub fn new(cfg: &Phi3Config) -> Rope {
+        let dim = cfg.head_dim;
+        let base = cfg.rope_theta as f32;
+        let freq = |i: usize, factor: f32| 1.0f32 / (factor * base.powf((2 * i) as f32 / dim as f32));
+        match &cfg.rope_scaling {
+            RopeScaling::Default => Rope {
+                head_dim: dim,
+                short: (0..dim / 2).map(|i| freq(i, 1.0)).collect(),
+                long: None,
+                scale: 1.0,
+            },
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => Rope {
+                head_dim: dim,
+                short: short_factor.iter().enumerate().map(|(i, &f)| freq(i, f as f32)).collect(),
+                long: Some((
+                    long_factor.iter().enumerate().map(|(i, &f)| freq(i, f as f32)).collect(),
+                    *original_max_position_embeddings,
+                )),
+                scale: *attention_factor as f32,
+            },
+        }
+    }
+
+    /// cos and sin `[b, t, head_dim]` for position ids `[b, t]`, in `dtype`.
+    ///
+    /// longrope switches to the long factors for the whole batch once any position reaches
+    /// `original_max_position_embeddings`, as transformers' dynamic update does.
+    pub fn cos_sin(&self, positions: &[Vec<u32>], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let max_pos = positions.iter().flatten().copied().max().unwrap_or(0) as usize;
+        let inv = match &self.long {
+            Some((long, original)) if max_pos + 1 > *original => long,
+            _ => &self.short,
+        };
+        let (b, t) = (positions.len(), positions.first().map_or(0, Vec::len));
+        let half = self.head_dim / 2;
+        let mut cos = Vec::with_capacity(b * t * self.head_dim);
+        let mut sin = Vec::with_capacity(b * t * self.head_dim);
+        for row in positions {
+            for &p in row {
+                let angles: Vec<f32> = inv.iter().map(|&f| p as f32 * f).collect();
+                for _ in 0..2 {
+                    cos.extend(angles.iter().map(|a| a.cos() * self.scale));
+                    sin.extend(angles.iter().map(|a| a.sin() * self.scale));
+                }
+            }
+        }
+        debug_assert_eq!(cos.len(), b * t * 2 * half);
+        let shape = (b, t, self.head_dim);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` for `x` `[b, heads, t, head_dim]`, cos/sin `[b, t, head_dim]`.
+pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+    let half = x.dim(3)? / 2;
+    let x1 = x.narrow(3, 0, half)?;
+    let x2 = x.narrow(3, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Tiny random Phi-3 checkpoints and the numbers transformers + PEFT compute on them.
+
+Run by hand (needs torch, transformers, peft; not part of CI):
+    python scripts/make_model_fixtures.py [--out fixtures/models]
+
+Each case folder holds a checkpoint in HF layout (config.json in the form the case tests, and
+model.safetensors or shards + index), a PEFT adapter saved by PEFT (`adapter/`), and
+`expected.safetensors` with the batch and what the reference computed on it, in float32:
+  input_ids, position_ids, attention_mask (1 = real token), labels (-100 = ignored),
+  logits_base  [b, t, V]   the checkpoint alone
+  logits_lora  [b, t, V]   with the adapter
+  loss_lora    []          mean token cross-entropy with the adapter (transformers' shift)
+  grad.<module>.lora_A / lora_B   gradients of that loss, e.g. grad.model.layers.0.self_attn.qkv_proj.lora_A
+`case.json` says what the case covers (and, for packed rows, the document lengths).
+"""
+import argparse
+import json
+import os
+import shutil
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from transformers import Phi3Config, Phi3ForCausalLM
+
+VOCAB = 256
+TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def base_kwargs(**over):
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+              original_max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+              sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0, attn_implementation="eager")
+    kw.update(over)
+    return kw
+
+
+def randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+
+
+def hub_form_config(path, longrope=None):
+    """Rewrite config.json as the hub has it (rope_theta / rope_scaling / torch_dtype)."""
+    cfg = json.load(open(path))
+    params = cfg.pop("rope_parameters", None) or {}
+    cfg["rope_theta"] = params.get("rope_theta", 10000.0)
+    cfg["rope_scaling"] = longrope
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    json.dump(cfg, open(path, "w"), indent=2)
+
+
+def batch_for(case, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    b, t = case["batch"], case["seq"]
+    ids = torch.randint(3, VOCAB, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    pos = torch.arange(t).unsqueeze(0).repeat(b, 1)
+    docs = case.get("packed")
+    if case.get("left_pad"):
+        n = case["left_pad"]
+        mask[1, :n] = 0
+        ids[1, :n] = 0
+        pos[1] = (mask[1].cumsum(0) - 1).clamp(min=0)
+    if docs:
+        pos = torch.cat([torch.arange(n) for n in docs]).unsqueeze(0)
+    labels = ids.clone()
+    labels[:, : t // 3] = -100  # a prompt that is not trained
+    labels[mask == 0] = -100
+    return ids, mask, pos, labels
+
+
+def packed_mask(docs):
+    """Additive 4D mask [1, 1, t, t]: causal within each document, nothing across."""
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(docs)])
+    t = doc.numel()
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    bias = torch.zeros(t, t)
+    bias[~allowed] = torch.finfo(torch.float32).min
+    return bias[None, None]
+
+
+def mask_kwargs(mask, packed):
+    # transformers' eager attention does not split packed rows by position_ids alone, so packed
+    # rows get an explicit 4D mask; the assertion in make_case checks it isolates documents.
+    return {"attention_mask": packed_mask(packed) if packed else mask}
+
+
+def forward(model, ids, mask, pos, packed):
+    return model(input_ids=ids, position_ids=pos, **mask_kwargs(mask, packed))
+
+
+def make_case(out, name, case, seed):
+    torch.manual_seed(seed)
+    cfg = Phi3Config(**case["config"])
+    model = Phi3ForCausalLM(cfg).eval()
+    randomize(model, seed)
+    d = os.path.join(out, name)
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d, safe_serialization=True, max_shard_size=case.get("shard", "50MB"))
+    if case.get("hub_form"):
+        hub_form_config(os.path.join(d, "config.json"), case.get("hub_rope_scaling"))
+
+    ids, mask, pos, labels = batch_for(case, seed)
+    packed = case.get("packed")
+    with torch.no_grad():
+        logits_base = forward(model, ids, mask, pos, packed).logits
+    if packed:
+        # The reference must keep documents apart: the last document alone gives the same logits.
+        n = packed[-1]
+        alone = model(input_ids=ids[:, -n:]).logits
+        assert torch.allclose(alone, logits_base[:, -n:], atol=1e-5), "transformers did not isolate packed documents"
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                      init_lora_weights=False, use_rslora=case.get("rslora", False))
+    peft_model = get_peft_model(model, lora)
+    out_lora = peft_model(input_ids=ids, position_ids=pos, labels=labels, **mask_kwargs(mask, packed))
+    out_lora.loss.backward()
+    expected = {
+        "input_ids": ids.contiguous(),
+        "position_ids": pos.contiguous(),
+        "attention_mask": mask.contiguous(),
+        "labels": labels.contiguous(),
+        "logits_base": logits_base.contiguous(),
+        "logits_lora": out_lora.logits.detach().contiguous(),
+        "loss_lora": out_lora.loss.detach().reshape(()),
+    }
+    for pname, p in peft_model.named_parameters():
+        if "lora_" in pname:
+            # base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.default.weight
+            module = pname.split("base_model.model.", 1)[1].split(".lora_")[0]
+            which = "lora_A" if ".lora_A." in pname else "lora_B"
+            expected[f"grad.{module}.{which}"] = p.grad.detach().contiguous()
+    save_file(expected, os.path.join(d, "expected.safetensors"))
+    peft_model.save_pretrained(os.path.join(d, "adapter"))
+    # The saved adapter loads back in PEFT and gives the same logits.
+    fresh = Phi3ForCausalLM.from_pretrained(d).eval()
+    reloaded = PeftModel.from_pretrained(fresh, os.path.join(d, "adapter")).eval()
+    with torch.no_grad():
+        again = forward(reloaded, ids, mask, pos, packed).logits
+    real = mask.bool()  # padded query rows are fully masked: their logits mean nothing
+    assert torch.allclose(again[real], expected["logits_lora"][real], atol=1e-5)
+    json.dump({k: v for k, v in case.items() if k != "config"} | {"seed": seed},
+              open(os.path.join(d, "case.json"), "w"), indent=2)
+    print(f"{name}: loss {out_lora.loss.item():.6f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="fixtures/models")
+    args = ap.parse_args()
+    head_dim = 16
+    longrope = {"rope_type": "longrope",
+                "short_factor": [1.0 + 0.05 * i for i in range(head_dim // 2)],
+                "long_factor": [1.5 + 0.5 * i for i in range(head_dim // 2)],
+                "rope_theta": 10000.0, "original_max_position_embeddings": 32}
+    cases = {
+        "hub_mha": dict(config=base_kwargs(), hub_form=True, batch=2, seq=12),
+        "gqa_sharded": dict(config=base_kwargs(num_key_value_heads=2), batch=2, seq=12, shard="60KB"),
+        "longrope": dict(config=base_kwargs(max_position_embeddings=128, rope_parameters=longrope,
+                                            original_max_position_embeddings=32), batch=1, seq=40),
+        "sliding_window": dict(config=base_kwargs(sliding_window=4), batch=1, seq=12),
+        "padded": dict(config=base_kwargs(), batch=2, seq=12, left_pad=3),
+        "packed": dict(config=base_kwargs(), batch=1, seq=12, packed=[5, 7]),
+        "rslora_tied": dict(config=base_kwargs(tie_word_embeddings=True), batch=1, seq=10, rslora=True),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    for i, (name, case) in enumerate(cases.items()):
+        make_case(args.out, name, case, seed=1000 + i)
+
+
+if __name__ == "__main__":
+    main()
