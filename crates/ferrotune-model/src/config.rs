@@ -70,19 +70,28 @@ impl Keys<'_> {
 
     fn f64(&self, key: &str) -> std::result::Result<Option<f64>, String> {
         self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| format!("{key} must be a number, found {v}")))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| format!("{key} must be a number, found {v}"))
+            })
             .transpose()
     }
 
     fn str(&self, key: &str) -> std::result::Result<Option<&str>, String> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| format!("{key} must be a string, found {v}")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| format!("{key} must be a string, found {v}"))
+            })
             .transpose()
     }
 
     fn bool(&self, key: &str) -> std::result::Result<Option<bool>, String> {
         self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| format!("{key} must be true or false, found {v}")))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| format!("{key} must be true or false, found {v}"))
+            })
             .transpose()
     }
 
@@ -161,7 +170,11 @@ impl Phi3Config {
             Some(Value::Number(n)) => vec![n.as_u64().ok_or("eos_token_id is not an id")? as u32],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).ok_or("eos_token_id holds a non-id"))
+                .map(|v| {
+                    v.as_u64()
+                        .map(|n| n as u32)
+                        .ok_or("eos_token_id holds a non-id")
+                })
                 .collect::<std::result::Result<_, _>>()?,
             Some(_) => return Err("eos_token_id must be an id or a list of ids".into()),
         };
@@ -266,7 +279,10 @@ mod tests {
     #[test]
     fn phi3_mini_4k_as_on_the_hub() {
         let c = Phi3Config::from_json_str(HUB_4K).unwrap();
-        assert_eq!((c.hidden_size, c.head_dim, c.num_key_value_heads), (3072, 96, 32));
+        assert_eq!(
+            (c.hidden_size, c.head_dim, c.num_key_value_heads),
+            (3072, 96, 32)
+        );
         assert_eq!(c.qkv_size(), 3 * 3072);
         assert_eq!(c.rope_scaling, RopeScaling::Default);
         assert_eq!(c.sliding_window, Some(2047));
@@ -289,8 +305,11 @@ mod tests {
         assert_eq!(c.rope_theta, 500.0);
         assert_eq!(c.num_key_value_heads, 2);
         assert_eq!(c.qkv_size(), (4 + 4) * 16);
-        let RopeScaling::LongRope { attention_factor, original_max_position_embeddings, .. } =
-            c.rope_scaling
+        let RopeScaling::LongRope {
+            attention_factor,
+            original_max_position_embeddings,
+            ..
+        } = c.rope_scaling
         else {
             panic!("longrope expected")
         };
@@ -303,17 +322,28 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let bad = HUB_4K.replace("\"phi3\"", "\"llama\"");
-        assert!(Phi3Config::from_json_str(&bad).unwrap_err().contains("model_type"));
+        assert!(Phi3Config::from_json_str(&bad)
+            .unwrap_err()
+            .contains("model_type"));
         let bad = HUB_4K.replace("\"num_key_value_heads\": 32", "\"num_key_value_heads\": 5");
-        assert!(Phi3Config::from_json_str(&bad).unwrap_err().contains("num_key_value_heads"));
+        assert!(Phi3Config::from_json_str(&bad)
+            .unwrap_err()
+            .contains("num_key_value_heads"));
         let bad = HUB_4K.replace(
             "\"rope_scaling\": null",
             "\"rope_scaling\": {\"type\": \"longrope\", \"short_factor\": [1.0], \"long_factor\": [1.0]}",
         );
-        assert!(Phi3Config::from_json_str(&bad).unwrap_err().contains("short_factor"));
+        assert!(Phi3Config::from_json_str(&bad)
+            .unwrap_err()
+            .contains("short_factor"));
         let bad = HUB_4K.replace("\"vocab_size\": 32064", "\"vocab_size\": \"big\"");
-        assert!(Phi3Config::from_json_str(&bad).unwrap_err().contains("vocab_size must be"));
+        assert!(Phi3Config::from_json_str(&bad)
+            .unwrap_err()
+            .contains("vocab_size must be"));
         let bad = HUB_4K.replace("\"hidden_size\": 3072,", "");
-        assert_eq!(Phi3Config::from_json_str(&bad).unwrap_err(), "hidden_size is missing");
+        assert_eq!(
+            Phi3Config::from_json_str(&bad).unwrap_err(),
+            "hidden_size is missing"
+        );
     }
 }

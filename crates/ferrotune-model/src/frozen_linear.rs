@@ -32,7 +32,9 @@ impl FrozenMatmul {
 
     fn dims(&self, layout: &Layout) -> Result<(usize, usize, usize, Shape)> {
         let dims = layout.dims();
-        let k = *dims.last().expect("matmul input has at least one dimension");
+        let k = *dims
+            .last()
+            .expect("matmul input has at least one dimension");
         let (out, inp) = self.weight.dims2()?;
         if k != inp {
             candle_core::bail!("frozen matmul: input width {k}, weight is [{out}, {inp}]");

@@ -8,6 +8,7 @@ pub mod frozen_linear;
 pub mod lora;
 pub mod loss;
 pub mod mask;
+pub mod peft;
 pub mod phi3;
 pub mod rope;
 pub mod weights;

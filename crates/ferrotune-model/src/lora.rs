@@ -67,7 +67,9 @@ impl LoraPair {
         device: &Device,
     ) -> Result<LoraPair> {
         let bound = 1.0 / (in_dim as f32).sqrt();
-        let a: Vec<f32> = (0..r * in_dim).map(|_| (2.0 * uniform() - 1.0) * bound).collect();
+        let a: Vec<f32> = (0..r * in_dim)
+            .map(|_| (2.0 * uniform() - 1.0) * bound)
+            .collect();
         Ok(LoraPair {
             a: Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), device)?)?,
             b: Var::zeros((out_dim, r), DType::F32, device)?,

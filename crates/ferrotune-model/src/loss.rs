@@ -21,7 +21,10 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<LossSu
             let label = row[i + 1];
             if label != -100 {
                 if label < 0 || label as usize >= v {
-                    candle_core::bail!("label {label} at [{r}, {}] is outside the vocabulary of {v}", i + 1);
+                    candle_core::bail!(
+                        "label {label} at [{r}, {}] is outside the vocabulary of {v}",
+                        i + 1
+                    );
                 }
                 rows.push((r * t + i) as u32);
                 targets.push(label as u32);

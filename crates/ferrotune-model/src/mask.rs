@@ -33,7 +33,11 @@ impl AttentionLayout<'_> {
         for row in 0..b {
             for q in 0..t {
                 for k in 0..t {
-                    v.push(if self.allowed(row, q, k) { 0.0 } else { FORBIDDEN });
+                    v.push(if self.allowed(row, q, k) {
+                        0.0
+                    } else {
+                        FORBIDDEN
+                    });
                 }
             }
         }

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 
 use crate::config::Phi3Config;
 use crate::frozen_linear::FrozenMatmul;
-use crate::lora::{LoraConfig, LoraPair, Linear};
+use crate::lora::{Linear, LoraConfig, LoraPair};
 use crate::rope::{self, Rope};
 
 /// Weight names follow the checkpoint (`model.layers.{i}.self_attn.qkv_proj.weight`, ...).
@@ -74,7 +74,10 @@ impl Phi3 {
             layers.push(DecoderLayer {
                 input_layernorm: weights.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
                 qkv_proj: linear("self_attn.qkv_proj", [cfg.qkv_size(), h])?,
-                o_proj: linear("self_attn.o_proj", [h, cfg.num_attention_heads * cfg.head_dim])?,
+                o_proj: linear(
+                    "self_attn.o_proj",
+                    [h, cfg.num_attention_heads * cfg.head_dim],
+                )?,
                 post_attention_layernorm: weights
                     .tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 gate_up_proj: linear("mlp.gate_up_proj", [2 * i, h])?,
@@ -161,14 +164,31 @@ impl Phi3 {
             .collect()
     }
 
+    /// Every base (frozen) weight: embeddings, norms, projections, the head.
+    pub fn frozen_weights(&self) -> Vec<Tensor> {
+        let mut out = vec![self.embed_tokens.clone(), self.norm.clone()];
+        for layer in &self.layers {
+            out.push(layer.input_layernorm.clone());
+            out.push(layer.post_attention_layernorm.clone());
+            out.extend(layer.linears().map(|(_, l)| l.base.weight().clone()));
+        }
+        if !self.cfg.tie_word_embeddings {
+            out.push(self.lm_head.weight().clone());
+        }
+        out
+    }
+
     /// Token embeddings `[b, t, hidden]` in the model dtype.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size).forward(input_ids)
+        candle_nn::Embedding::new(self.embed_tokens.clone(), self.cfg.hidden_size)
+            .forward(input_ids)
     }
 
     /// Hidden states after all decoder layers and the final norm, `[b, t, hidden]`.
     pub fn hidden_states(&self, batch: &Batch, train: bool) -> Result<Tensor> {
-        let (cos, sin) = self.rope.cos_sin(&batch.positions, self.dtype, &self.device)?;
+        let (cos, sin) = self
+            .rope
+            .cos_sin(&batch.positions, self.dtype, &self.device)?;
         let mut x = self.embed(&batch.input_ids)?;
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &batch.attention_bias, &self.cfg, train)?;
@@ -235,7 +255,11 @@ impl DecoderLayer {
         train: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let qkv = self.qkv_proj.forward(x, train)?;
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, start * hd, n * hd)?
@@ -288,8 +312,12 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
-    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    xf.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(weight)
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    xf.broadcast_mul(&inv)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
 }
 
 /// Softmax over the last dimension from differentiable ops (the max is a constant shift).

@@ -18,7 +18,8 @@ impl Rope {
     pub fn new(cfg: &Phi3Config) -> Rope {
         let dim = cfg.head_dim;
         let base = cfg.rope_theta as f32;
-        let freq = |i: usize, factor: f32| 1.0f32 / (factor * base.powf((2 * i) as f32 / dim as f32));
+        let freq =
+            |i: usize, factor: f32| 1.0f32 / (factor * base.powf((2 * i) as f32 / dim as f32));
         match &cfg.rope_scaling {
             RopeScaling::Default => Rope {
                 head_dim: dim,
@@ -33,9 +34,17 @@ impl Rope {
                 attention_factor,
             } => Rope {
                 head_dim: dim,
-                short: short_factor.iter().enumerate().map(|(i, &f)| freq(i, f as f32)).collect(),
+                short: short_factor
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &f)| freq(i, f as f32))
+                    .collect(),
                 long: Some((
-                    long_factor.iter().enumerate().map(|(i, &f)| freq(i, f as f32)).collect(),
+                    long_factor
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &f)| freq(i, f as f32))
+                        .collect(),
                     *original_max_position_embeddings,
                 )),
                 scale: *attention_factor as f32,
@@ -47,7 +56,12 @@ impl Rope {
     ///
     /// longrope switches to the long factors for the whole batch once any position reaches
     /// `original_max_position_embeddings`, as transformers' dynamic update does.
-    pub fn cos_sin(&self, positions: &[Vec<u32>], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &[Vec<u32>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let max_pos = positions.iter().flatten().copied().max().unwrap_or(0) as usize;
         let inv = match &self.long {
             Some((long, original)) if max_pos + 1 > *original => long,

@@ -22,10 +22,11 @@ impl SafetensorsWeights {
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<SafetensorsWeights> {
         let paths = weight_files(dir)?;
         // SAFETY: the files are mapped read-only; ferrotune never writes them while mapped.
-        let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::Weights {
-            path: dir.to_path_buf(),
-            message: format!("cannot map safetensors: {e}"),
-        })?;
+        let files =
+            unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::Weights {
+                path: dir.to_path_buf(),
+                message: format!("cannot map safetensors: {e}"),
+            })?;
         Ok(SafetensorsWeights {
             dir: dir.to_path_buf(),
             files,
@@ -41,10 +42,11 @@ impl WeightSource for SafetensorsWeights {
             path: self.dir.clone(),
             message: m,
         };
-        let t = self
-            .files
-            .load(name, &Device::Cpu)
-            .map_err(|_| missing(format!("tensor `{name}` is missing; is this a Phi-3 checkpoint?")))?;
+        let t = self.files.load(name, &Device::Cpu).map_err(|_| {
+            missing(format!(
+                "tensor `{name}` is missing; is this a Phi-3 checkpoint?"
+            ))
+        })?;
         if t.dims() != shape {
             return Err(missing(format!(
                 "tensor `{name}` has shape {:?}; config.json implies {shape:?}",
@@ -67,10 +69,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             path: index.clone(),
             source: e,
         })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Weights {
-            path: index.clone(),
-            message: format!("invalid JSON: {e}"),
-        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Weights {
+                path: index.clone(),
+                message: format!("invalid JSON: {e}"),
+            })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -110,7 +113,10 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let Some((org, name)) = spec.split_once('/').filter(|(o, n)| !o.is_empty() && !n.contains('/')) else {
+    let Some((org, name)) = spec
+        .split_once('/')
+        .filter(|(o, n)| !o.is_empty() && !n.contains('/'))
+    else {
         return Err(ModelError::NotFound(format!(
             "{spec}: no such folder, and not a hub id of the form org/name"
         )));
@@ -122,7 +128,10 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
         .ok()
         .or_else(|| {
             // No refs/main: take the only snapshot if there is exactly one.
-            let mut snaps: Vec<_> = std::fs::read_dir(repo.join("snapshots")).ok()?.flatten().collect();
+            let mut snaps: Vec<_> = std::fs::read_dir(repo.join("snapshots"))
+                .ok()?
+                .flatten()
+                .collect();
             (snaps.len() == 1).then(|| snaps.remove(0).file_name().to_string_lossy().into_owned())
         });
     match revision.map(|r| repo.join("snapshots").join(r)) {

@@ -1,0 +1,215 @@
+//! ferrotune's Phi-3 + LoRA against transformers + PEFT on the committed fixtures
+//! (scripts/make_model_fixtures.py), on CPU in f32:
+//! logits max |Δ| ≤ 1e-4, loss relative Δ ≤ 1e-5, every LoRA gradient within 1e-4 (norm-wise).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ferrotune_model::loss::causal_lm_loss;
+use ferrotune_model::mask::AttentionLayout;
+use ferrotune_model::weights::SafetensorsWeights;
+use ferrotune_model::{peft, Batch, Phi3, Phi3Config};
+
+const CASES: [&str; 7] = [
+    "hub_mha",
+    "gqa_sharded",
+    "longrope",
+    "sliding_window",
+    "padded",
+    "packed",
+    "rslora_tied",
+];
+
+fn case_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models")
+        .join(name)
+}
+
+struct Case {
+    name: &'static str,
+    model: Phi3,
+    expected: HashMap<String, Tensor>,
+    batch: Batch,
+    labels: Vec<Vec<i64>>,
+    /// [b][t]: 1 where the position is a real token (logits compared there).
+    real: Vec<Vec<u8>>,
+}
+
+fn rows_i64(t: &Tensor) -> Vec<Vec<i64>> {
+    t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap()
+}
+
+fn load(name: &'static str) -> Case {
+    let dir = case_dir(name);
+    let cfg = Phi3Config::from_dir(&dir).unwrap();
+    let weights = SafetensorsWeights::open(&dir, DType::F32, &Device::Cpu).unwrap();
+    let model = Phi3::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap();
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let ids = rows_i64(&expected["input_ids"]);
+    let (b, t) = (ids.len(), ids[0].len());
+    let positions: Vec<Vec<u32>> = rows_i64(&expected["position_ids"])
+        .into_iter()
+        .map(|r| r.into_iter().map(|p| p as u32).collect())
+        .collect();
+    let real: Vec<Vec<u8>> = rows_i64(&expected["attention_mask"])
+        .into_iter()
+        .map(|r| r.into_iter().map(|m| m as u8).collect())
+        .collect();
+    let documents: Option<Vec<Vec<u32>>> = case.get("packed").map(|docs| {
+        let lens: Vec<usize> = docs
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        vec![ferrotune_model::mask::packed_layout(&lens).0]
+    });
+    let layout = AttentionLayout {
+        padding: Some(&real),
+        documents: documents.as_deref(),
+        sliding_window: cfg.sliding_window,
+    };
+    let batch = Batch {
+        input_ids: expected["input_ids"].to_dtype(DType::U32).unwrap(),
+        positions,
+        attention_bias: layout.bias(b, t, &Device::Cpu).unwrap(),
+    };
+    let labels = rows_i64(&expected["labels"]);
+    Case {
+        name,
+        model,
+        expected,
+        batch,
+        labels,
+        real,
+    }
+}
+
+/// Max |a - b| over real (non-padding) positions of `[b, t, V]` logits.
+fn max_diff(a: &Tensor, b: &Tensor, real: &[Vec<u8>]) -> f32 {
+    let a = a.to_vec3::<f32>().unwrap();
+    let b = b.to_vec3::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (r, row) in real.iter().enumerate() {
+        for (i, &m) in row.iter().enumerate() {
+            if m == 1 {
+                for (x, y) in a[r][i].iter().zip(&b[r][i]) {
+                    worst = worst.max((x - y).abs());
+                }
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn base_logits_match_transformers() {
+    for name in CASES {
+        let c = load(name);
+        let logits = c.model.logits(&c.batch, false).unwrap();
+        let d = max_diff(&logits, &c.expected["logits_base"], &c.real);
+        eprintln!("{}: base logits max |Δ| = {d:.2e}", c.name);
+        assert!(d <= 1e-4, "{}: max |Δ logits| = {d:e}", c.name);
+    }
+}
+
+#[test]
+fn peft_adapters_load_and_give_peft_logits_loss_and_gradients() {
+    for name in CASES {
+        let mut c = load(name);
+        peft::load_adapter(&mut c.model, &case_dir(name).join("adapter")).unwrap();
+        let logits = c.model.logits(&c.batch, true).unwrap();
+        let d = max_diff(&logits, &c.expected["logits_lora"], &c.real);
+        assert!(d <= 1e-4, "{}: max |Δ logits| with adapter = {d:e}", c.name);
+
+        let loss = causal_lm_loss(&logits, &c.labels).unwrap();
+        let (ours, theirs) = (
+            loss.to_scalar::<f32>().unwrap(),
+            c.expected["loss_lora"].to_scalar::<f32>().unwrap(),
+        );
+        eprintln!(
+            "{}: lora logits max |Δ| = {d:.2e}, loss rel Δ = {:.2e}",
+            c.name,
+            ((ours - theirs) / theirs).abs()
+        );
+        assert!(
+            ((ours - theirs) / theirs).abs() <= 1e-5,
+            "{}: loss {ours} vs {theirs}",
+            c.name
+        );
+
+        let grads = loss.backward().unwrap();
+        let pairs = c.model.lora_pairs();
+        let mut worst_grad = 0f32;
+        assert_eq!(pairs.len(), 4 * c.model.config().num_hidden_layers);
+        for (module, pair) in pairs {
+            for (which, var) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient for {module}.{which}"));
+                let r = &c.expected[&format!("grad.{module}.{which}")];
+                let diff = (g - r)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let norm = r
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    norm > 0.0,
+                    "{name}: reference gradient of {module}.{which} is zero"
+                );
+                worst_grad = worst_grad.max(diff / norm);
+                assert!(
+                    diff / norm <= 1e-4,
+                    "{name}: {module}.{which} relative gradient error {:e}",
+                    diff / norm
+                );
+            }
+        }
+        eprintln!("{name}: worst LoRA gradient relative error {worst_grad:.2e}");
+    }
+}
+
+#[test]
+fn frozen_base_weights_get_no_gradient() {
+    let mut c = load("gqa_sharded");
+    peft::load_adapter(&mut c.model, &case_dir("gqa_sharded").join("adapter")).unwrap();
+    let logits = c.model.logits(&c.batch, true).unwrap();
+    let grads = causal_lm_loss(&logits, &c.labels)
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in c.model.trainable_vars() {
+        assert!(
+            grads.get(v.as_tensor()).is_some(),
+            "every LoRA variable gets a gradient"
+        );
+    }
+    let frozen = c.model.frozen_weights();
+    assert_eq!(frozen.len(), 2 + 6 * c.model.config().num_hidden_layers + 1);
+    for w in frozen {
+        assert!(
+            grads.get(&w).is_none(),
+            "a base weight {:?} got a gradient",
+            w.dims()
+        );
+    }
+}
