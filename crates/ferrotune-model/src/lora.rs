@@ -93,13 +93,49 @@ impl LoraPair {
     }
 }
 
+impl LoraPair {
+    /// `scale · B·A` `[out, in]` in `dtype`: what merging adds to the base weight.
+    pub fn delta_weight(&self, dtype: DType) -> Result<Tensor> {
+        self.b
+            .as_tensor()
+            .matmul(self.a.as_tensor())?
+            .affine(self.scale, 0.0)?
+            .to_dtype(dtype)
+    }
+}
+
 /// A frozen projection with an optional adapter.
 pub struct Linear {
     pub base: FrozenMatmul,
     pub lora: Option<LoraPair>,
+    /// An adapter already folded into `base` (see [`Linear::merge`]).
+    pub merged: Option<LoraPair>,
 }
 
 impl Linear {
+    /// Fold the adapter into the base weight (`W + scale·B·A`); the adapter is kept aside so
+    /// [`Linear::unmerge`] can restore the base.
+    pub fn merge(&mut self) -> Result<()> {
+        if let Some(pair) = self.lora.take() {
+            let w = self.base.weight();
+            let merged = (w + pair.delta_weight(w.dtype())?)?;
+            self.base = FrozenMatmul::new(merged);
+            self.merged = Some(pair);
+        }
+        Ok(())
+    }
+
+    /// Undo [`Linear::merge`]: subtract the delta again and re-attach the adapter.
+    pub fn unmerge(&mut self) -> Result<()> {
+        if let Some(pair) = self.merged.take() {
+            let w = self.base.weight();
+            let base = (w - pair.delta_weight(w.dtype())?)?;
+            self.base = FrozenMatmul::new(base);
+            self.lora = Some(pair);
+        }
+        Ok(())
+    }
+
     /// `[..., in]` → `[..., out]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.base.forward(x)?;

@@ -69,6 +69,7 @@ impl Phi3 {
                 Ok(Linear {
                     base: FrozenMatmul::new(weights.tensor(&format!("{p}.{name}.weight"), &shape)?),
                     lora: None,
+                    merged: None,
                 })
             };
             layers.push(DecoderLayer {
@@ -125,6 +126,26 @@ impl Phi3 {
                         &self.device,
                     )?);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fold every adapter into its base weight (inference and export); reversible.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for (_, linear) in layer.linears_mut() {
+                linear.merge()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo [`Phi3::merge_lora`].
+    pub fn unmerge_lora(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for (_, linear) in layer.linears_mut() {
+                linear.unmerge()?;
             }
         }
         Ok(())

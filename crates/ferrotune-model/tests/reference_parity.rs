@@ -213,3 +213,37 @@ fn frozen_base_weights_get_no_gradient() {
         );
     }
 }
+
+#[test]
+fn merged_weights_give_the_adapter_logits_and_unmerge_restores_the_base() {
+    for name in ["gqa_sharded", "rslora_tied"] {
+        let mut c = load(name);
+        peft::load_adapter(&mut c.model, &case_dir(name).join("adapter")).unwrap();
+        let with_adapter = c.model.logits(&c.batch, false).unwrap();
+        c.model.merge_lora().unwrap();
+        assert!(c.model.lora_pairs().is_empty(), "merged adapters are no longer applied separately");
+        let merged = c.model.logits(&c.batch, false).unwrap();
+        let d = max_diff(&merged, &with_adapter, &c.real);
+        eprintln!("{name}: merged vs adapter logits max |Δ| = {d:.2e}");
+        assert!(d <= 1e-4, "{name}: merged logits differ by {d:e}");
+        c.model.unmerge_lora().unwrap();
+        let again = c.model.logits(&c.batch, false).unwrap();
+        assert!(max_diff(&again, &with_adapter, &c.real) <= 1e-4);
+        let pairs = c.model.lora_pairs().len();
+        assert_eq!(pairs, 8);
+    }
+}
+
+#[test]
+fn an_adapter_saved_here_loads_back_identically() {
+    let mut c = load("hub_mha");
+    let cfg = peft::load_adapter(&mut c.model, &case_dir("hub_mha").join("adapter")).unwrap();
+    let before = c.model.logits(&c.batch, false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    peft::save_adapter(&c.model, &cfg, "fixtures/models/hub_mha", dir.path()).unwrap();
+    let mut fresh = load("hub_mha");
+    let cfg2 = peft::load_adapter(&mut fresh.model, dir.path()).unwrap();
+    assert_eq!(cfg, cfg2);
+    let after = fresh.model.logits(&fresh.batch, false).unwrap();
+    assert_eq!(max_diff(&before, &after, &c.real), 0.0);
+}
