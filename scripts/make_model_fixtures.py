@@ -141,6 +141,10 @@ def make_case(out, name, case, seed):
             expected[f"grad.{module}.{which}"] = p.grad.detach().contiguous()
     save_file(expected, os.path.join(d, "expected.safetensors"))
     peft_model.save_pretrained(os.path.join(d, "adapter"))
+    cfg_path = os.path.join(d, "adapter", "adapter_config.json")
+    adapter_cfg = json.load(open(cfg_path))
+    adapter_cfg["target_modules"] = sorted(adapter_cfg["target_modules"])  # PEFT writes a set
+    json.dump(adapter_cfg, open(cfg_path, "w"), indent=2, sort_keys=True)
     # The saved adapter loads back in PEFT and gives the same logits.
     fresh = Phi3ForCausalLM.from_pretrained(d).eval()
     reloaded = PeftModel.from_pretrained(fresh, os.path.join(d, "adapter")).eval()
@@ -148,9 +152,38 @@ def make_case(out, name, case, seed):
         again = forward(reloaded, ids, mask, pos, packed).logits
     real = mask.bool()  # padded query rows are fully masked: their logits mean nothing
     assert torch.allclose(again[real], expected["logits_lora"][real], atol=1e-5)
+    if not packed and not case.get("left_pad"):
+        json.dump(greedy_references(d, ids, reloaded), open(os.path.join(d, "generate.json"), "w"))
     json.dump({k: v for k, v in case.items() if k != "config"} | {"seed": seed},
               open(os.path.join(d, "case.json"), "w"), indent=2)
     print(f"{name}: loss {out_lora.loss.item():.6f}")
+
+
+def greedy(model, prompts, new_tokens):
+    """transformers' greedy `generate` for prompts of different lengths (left-padded), no EOS stop."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def greedy_references(d, ids, peft_model):
+    """32 greedy tokens with and without the adapter, and a batch of two different lengths."""
+    prompt = ids[0, :8].tolist()
+    base = Phi3ForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        ref = {
+            "prompt": prompt,
+            "greedy_base": greedy(base, [prompt], 32)[0],
+            "greedy_lora": greedy(peft_model, [prompt], 32)[0],
+            "batch_prompts": [ids[0, :5].tolist(), ids[-1, :8].tolist()],
+        }
+        ref["batch_greedy_base"] = greedy(base, ref["batch_prompts"], 16)
+    return ref
 
 
 def main():

@@ -29,10 +29,23 @@ impl AttentionLayout<'_> {
 
     /// Bias `[b, 1, t, t]` (f32): 0 where allowed, [`FORBIDDEN`] elsewhere.
     pub fn bias(&self, b: usize, t: usize, device: &Device) -> Result<Tensor> {
-        let mut v = Vec::with_capacity(b * t * t);
+        self.bias_for_queries(b, 0, t, t, device)
+    }
+
+    /// Bias `[b, 1, t_q, t_k]` for queries at sequence indices `q_start..q_start + t_q` over keys
+    /// `0..t_k` (decoding with a cache: the new tokens against everything so far).
+    pub fn bias_for_queries(
+        &self,
+        b: usize,
+        q_start: usize,
+        t_q: usize,
+        t_k: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut v = Vec::with_capacity(b * t_q * t_k);
         for row in 0..b {
-            for q in 0..t {
-                for k in 0..t {
+            for q in q_start..q_start + t_q {
+                for k in 0..t_k {
                     v.push(if self.allowed(row, q, k) {
                         0.0
                     } else {
@@ -41,7 +54,7 @@ impl AttentionLayout<'_> {
                 }
             }
         }
-        Tensor::from_vec(v, (b, 1, t, t), device)
+        Tensor::from_vec(v, (b, 1, t_q, t_k), device)
     }
 }
 

@@ -41,6 +41,26 @@ pub struct Batch {
     pub attention_bias: Tensor,
 }
 
+/// Keys and values seen so far, per layer: `[b, kv_heads, T, head_dim]` after RoPE.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Fetches one named weight of a given shape (see `weights`).
 pub trait WeightSource {
     fn tensor(&self, name: &str, shape: &[usize]) -> crate::Result<Tensor>;
@@ -207,12 +227,38 @@ impl Phi3 {
 
     /// Hidden states after all decoder layers and the final norm, `[b, t, hidden]`.
     pub fn hidden_states(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        self.run(batch, train, None)
+    }
+
+    /// Logits of the last position `[b, vocab]` (f32) for new tokens `[b, t]`, extending `cache`.
+    /// `batch.attention_bias` is `[b, 1, t, cache.len() + t]`.
+    pub fn step(&self, batch: &Batch, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.run(batch, false, Some(cache))?;
+        let t = h.dim(1)?;
+        self.lm_head
+            .forward(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?
+            .to_dtype(DType::F32)
+    }
+
+    fn run(&self, batch: &Batch, train: bool, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (cos, sin) = self
             .rope
             .cos_sin(&batch.positions, self.dtype, &self.device)?;
         let mut x = self.embed(&batch.input_ids)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &batch.attention_bias, &self.cfg, train)?;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize_with(self.layers.len(), || None);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            x = layer.forward(
+                &x,
+                &cos,
+                &sin,
+                &batch.attention_bias,
+                &self.cfg,
+                train,
+                slot,
+            )?;
         }
         rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
@@ -245,6 +291,7 @@ impl DecoderLayer {
     }
 
     /// `[b, t, hidden]` → `[b, t, hidden]`.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -253,9 +300,10 @@ impl DecoderLayer {
         bias: &Tensor,
         cfg: &Phi3Config,
         train: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps)?;
-        let x = (x + self.attention(&h, cos, sin, bias, cfg, train)?)?;
+        let x = (x + self.attention(&h, cos, sin, bias, cfg, train, cache)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
         let gate_up = self.gate_up_proj.forward(&h, train)?;
         let i = cfg.intermediate_size;
@@ -266,6 +314,7 @@ impl DecoderLayer {
         x + self.down_proj.forward(&(up * act)?, train)?
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         x: &Tensor,
@@ -274,6 +323,7 @@ impl DecoderLayer {
         bias: &Tensor,
         cfg: &Phi3Config,
         train: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
@@ -291,6 +341,17 @@ impl DecoderLayer {
         let q = rope::apply(&heads(0, nh)?, cos, sin)?;
         let k = rope::apply(&heads(nh, nkv)?, cos, sin)?;
         let v = heads(nh + nkv, nkv)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         // Scores and softmax in f32, as transformers' eager attention does.
         let scale = 1.0 / (hd as f64).sqrt();

@@ -221,7 +221,10 @@ fn merged_weights_give_the_adapter_logits_and_unmerge_restores_the_base() {
         peft::load_adapter(&mut c.model, &case_dir(name).join("adapter")).unwrap();
         let with_adapter = c.model.logits(&c.batch, false).unwrap();
         c.model.merge_lora().unwrap();
-        assert!(c.model.lora_pairs().is_empty(), "merged adapters are no longer applied separately");
+        assert!(
+            c.model.lora_pairs().is_empty(),
+            "merged adapters are no longer applied separately"
+        );
         let merged = c.model.logits(&c.batch, false).unwrap();
         let d = max_diff(&merged, &with_adapter, &c.real);
         eprintln!("{name}: merged vs adapter logits max |Δ| = {d:.2e}");
@@ -246,4 +249,55 @@ fn an_adapter_saved_here_loads_back_identically() {
     assert_eq!(cfg, cfg2);
     let after = fresh.model.logits(&fresh.batch, false).unwrap();
     assert_eq!(max_diff(&before, &after, &c.real), 0.0);
+}
+
+#[derive(serde::Deserialize)]
+struct GreedyRef {
+    prompt: Vec<u32>,
+    greedy_base: Vec<u32>,
+    greedy_lora: Vec<u32>,
+    batch_prompts: Vec<Vec<u32>>,
+    batch_greedy_base: Vec<Vec<u32>>,
+}
+
+#[test]
+fn greedy_generation_matches_transformers_with_and_without_adapter() {
+    use ferrotune_model::generate::{generate, Sampling};
+    for name in [
+        "hub_mha",
+        "gqa_sharded",
+        "longrope",
+        "sliding_window",
+        "rslora_tied",
+    ] {
+        let dir = case_dir(name);
+        let r: GreedyRef =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap())
+                .unwrap();
+        let mut c = load(name);
+        let s = Sampling {
+            max_new_tokens: 32,
+            ..Default::default()
+        };
+        let out = generate(&c.model, std::slice::from_ref(&r.prompt), &s).unwrap();
+        assert_eq!(
+            out[0], r.greedy_base,
+            "{name}: 32 greedy tokens without adapter"
+        );
+        let s16 = Sampling {
+            max_new_tokens: 16,
+            ..Default::default()
+        };
+        let batch = generate(&c.model, &r.batch_prompts, &s16).unwrap();
+        assert_eq!(
+            batch, r.batch_greedy_base,
+            "{name}: batch of two prompt lengths"
+        );
+        peft::load_adapter(&mut c.model, &dir.join("adapter")).unwrap();
+        let out = generate(&c.model, std::slice::from_ref(&r.prompt), &s).unwrap();
+        assert_eq!(
+            out[0], r.greedy_lora,
+            "{name}: 32 greedy tokens with adapter"
+        );
+    }
 }
