@@ -186,6 +186,57 @@ def greedy_references(d, ids, peft_model):
     return ref
 
 
+def make_chat_model(out, tokenizer_dir, sample_jsonl):
+    """A tiny Phi-3 with the real Phi-3 vocabulary and tokenizer (bf16 weights, tied head), plus
+    what transformers computes with it in f32: greedy tokens for a chat prompt and the eval loss
+    over the bundled test_sft sample (assistant tokens only)."""
+    from transformers import AutoTokenizer
+
+    d = os.path.join(out, "tiny_phi3_chat")
+    shutil.rmtree(d, ignore_errors=True)
+    cfg = Phi3Config(**base_kwargs(vocab_size=32064, hidden_size=32, intermediate_size=64,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=4096, original_max_position_embeddings=4096,
+                                   sliding_window=2047, tie_word_embeddings=True,
+                                   bos_token_id=1, eos_token_id=[32000, 32001, 32007], pad_token_id=32000))
+    torch.manual_seed(7)
+    model = Phi3ForCausalLM(cfg).eval()
+    randomize(model, 7)
+    model = model.to(torch.bfloat16)
+    model.generation_config.eos_token_id = [32000, 32001, 32007]
+    model.save_pretrained(d, safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.save_pretrained(d)
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+        shutil.copy(os.path.join(tokenizer_dir, f), os.path.join(d, f))
+    model = Phi3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out_ids = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                 pad_token_id=32000)[0, len(prompt):].tolist()
+
+    annotated = tok.chat_template.replace(
+        "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
+        "{{'<|assistant|>\n'}}{% generation %}{{message['content'] + '<|end|>\n'}}{% endgeneration %}")
+    total, count = 0.0, 0
+    with open(sample_jsonl) as f, torch.no_grad():
+        for line in f:
+            conv = tok.apply_chat_template(json.loads(line)["messages"], chat_template=annotated, tokenize=True,
+                                           return_dict=True, return_assistant_tokens_mask=True)
+            ids = torch.tensor([conv["input_ids"]])
+            labels = torch.tensor([[t if m else -100 for t, m in zip(conv["input_ids"], conv["assistant_masks"])]])
+            logits = model(input_ids=ids).logits.float()
+            lp = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+            total += lp.item()
+            count += int((labels[0, 1:] != -100).sum())
+    json.dump({"messages": messages, "prompt_ids": prompt, "greedy_24": out_ids,
+               "eval_test_sft": {"loss": total / count, "tokens": count}},
+              open(os.path.join(d, "expected.json"), "w"), indent=1)
+    print(f"tiny_phi3_chat: eval loss {total / count:.6f} over {count} tokens")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="fixtures/models")
@@ -208,6 +259,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     for i, (name, case) in enumerate(cases.items()):
         make_case(args.out, name, case, seed=1000 + i)
+    make_chat_model(args.out, "fixtures/tokenizer/phi3", "fixtures/ultrachat_sample/jsonl/test_sft.jsonl")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ pub enum Command {
     /// Train LoRA adapters (single process or one rank of many).
     Train(Unbuilt),
     /// Loss and perplexity of a model on prepared data.
-    Eval(Unbuilt),
+    Eval(EvalArgs),
     /// Generate text from a model, with or without an adapter.
-    Generate(Unbuilt),
+    Generate(GenerateArgs),
     /// Memory and step-time estimate for a training config.
     Plan(Unbuilt),
     /// Export a checkpoint as an MLflow model folder.
@@ -173,4 +173,60 @@ pub struct BenchDataArgs {
     /// Tokenizer folder (default: the bundled Phi-3 tokenizer).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+}
+
+/// Where and in which precision a model runs.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// Model folder (HF layout) or a hub id found in the Hugging Face cache
+    /// (e.g. microsoft/Phi-3-mini-4k-instruct; nothing is downloaded).
+    #[arg(long, env = "FERROTUNE_MODEL")]
+    pub model: String,
+    /// A PEFT LoRA adapter folder to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (default: cuda when built with it and a GPU is present, else cpu).
+    #[arg(long, env = "FERROTUNE_DEVICE")]
+    pub device: Option<String>,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long, env = "FERROTUNE_DTYPE")]
+    pub dtype: Option<String>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "messages"])))]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Plain text prompt, tokenized as is (no chat template).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// JSON file with a conversation (a list of {role, content}, or an ultrachat row with
+    /// `messages`); the model's chat template is applied with the assistant prompt added.
+    #[arg(long)]
+    pub messages: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A folder made by `ferrotune data prepare` (with this model's tokenizer).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Evaluate only the first N conversations.
+    #[arg(long)]
+    pub max_rows: Option<u64>,
 }

@@ -31,8 +31,27 @@ impl Failure {
     pub fn not_yet(command: &str, tag: &str) -> Failure {
         Failure::usage(format!(
             "`ferrotune {command}` is not yet available in this build (tracked under {tag}); \
-             `ferrotune data prepare|inspect|stats`, `ferrotune run` and `ferrotune bench data` work today"
+             `ferrotune data prepare|inspect|stats`, `generate`, `eval`, `run` and `bench data` work today"
         ))
+    }
+}
+
+impl From<ferrotune_model::ModelError> for Failure {
+    fn from(e: ferrotune_model::ModelError) -> Failure {
+        Failure {
+            code: if e.is_usage() {
+                Self::USAGE
+            } else {
+                Self::RUNTIME
+            },
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for Failure {
+    fn from(e: candle_core::Error) -> Failure {
+        Failure::runtime(e.to_string())
     }
 }
 

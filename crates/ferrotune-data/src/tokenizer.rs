@@ -80,6 +80,17 @@ impl Tokenizer {
         })
     }
 
+    /// Tokenize a plain prompt as `tokenizer(text)` does: the post-processor's BOS/EOS added.
+    pub fn encode_prompt(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
+        let enc = self.inner.encode(text, true).map_err(|e| e.to_string())?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decode ids to text without special tokens (what a chat reply shows).
+    pub fn decode_text(&self, ids: &[u32]) -> std::result::Result<String, String> {
+        self.inner.decode(ids, true).map_err(|e| e.to_string())
+    }
+
     /// Decode ids to text, special tokens kept.
     pub fn decode(&self, ids: &[u32]) -> std::result::Result<String, String> {
         self.inner.decode(ids, false).map_err(|e| e.to_string())

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod frozen_linear;
 pub mod generate;
+pub mod loaded;
 pub mod lora;
 pub mod loss;
 pub mod mask;

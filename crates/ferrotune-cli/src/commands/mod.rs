@@ -1,3 +1,6 @@
 pub mod bench_data;
 pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod model_args;
 pub mod run;

@@ -1,0 +1,160 @@
+//! `ferrotune generate` and `ferrotune eval` on the tiny Phi-3 fixture, against the numbers
+//! transformers computed for it (scripts/make_model_fixtures.py → expected.json).
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::str::contains;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn tiny() -> PathBuf {
+    fixtures().join("models/tiny_phi3_chat")
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(tiny().join("expected.json")).unwrap()).unwrap()
+}
+
+fn ferrotune() -> Command {
+    let mut cmd = Command::cargo_bin("ferrotune").unwrap();
+    cmd.env_remove("HF_HUB_CACHE").env_remove("HF_HOME");
+    cmd
+}
+
+fn json_stdout(cmd: &mut Command) -> Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn generate_with_the_chat_template_gives_transformers_greedy_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let messages = tmp.path().join("m.json");
+    std::fs::write(&messages, expected()["messages"].to_string()).unwrap();
+    let out = json_stdout(
+        ferrotune()
+            .args(["--json", "generate", "--model"])
+            .arg(tiny())
+            .arg("--messages")
+            .arg(&messages)
+            .args(["--max-new-tokens", "24", "--temperature", "0"]),
+    );
+    assert_eq!(
+        out["prompt_tokens"],
+        expected()["prompt_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(out["token_ids"], expected()["greedy_24"]);
+    assert!(out["text"].as_str().unwrap().len() > 10);
+}
+
+#[test]
+fn eval_gives_transformers_loss_on_prepared_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("test");
+    ferrotune()
+        .args(["data", "prepare", "--input"])
+        .arg(fixtures().join("ultrachat_sample/jsonl/test_sft.jsonl"))
+        .arg("--tokenizer")
+        .arg(tiny())
+        .arg("--out")
+        .arg(&data)
+        .assert()
+        .success();
+    let out = json_stdout(
+        ferrotune()
+            .args(["--json", "eval", "--model"])
+            .arg(tiny())
+            .arg("--data")
+            .arg(&data),
+    );
+    let reference = &expected()["eval_test_sft"];
+    assert_eq!(out["tokens"], reference["tokens"]);
+    let (ours, theirs) = (
+        out["loss"].as_f64().unwrap(),
+        reference["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        ((ours - theirs) / theirs).abs() < 1e-5,
+        "loss {ours} vs transformers {theirs}"
+    );
+    assert!((out["perplexity"].as_f64().unwrap() - ours.exp()).abs() < 1e-6 * ours.exp());
+}
+
+#[test]
+fn a_hub_id_resolves_through_the_hugging_face_cache_offline() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--acme--tiny-phi3");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd\n").unwrap();
+    for entry in std::fs::read_dir(tiny()).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let out = json_stdout(ferrotune().env("HF_HUB_CACHE", cache.path()).args([
+        "--json",
+        "generate",
+        "--model",
+        "acme/tiny-phi3",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "3",
+    ]));
+    assert_eq!(out["token_ids"].as_array().unwrap().len(), 3);
+    ferrotune()
+        .env("HF_HUB_CACHE", cache.path())
+        .args(["generate", "--model", "acme/other", "--prompt", "x"])
+        .assert()
+        .code(2)
+        .stderr(contains("not in the Hugging Face cache"));
+}
+
+#[test]
+fn model_errors_are_usage_errors_naming_what_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    ferrotune()
+        .args(["generate", "--prompt", "x", "--model"])
+        .arg(tmp.path())
+        .assert()
+        .code(2)
+        .stderr(contains("config.json"));
+    // A checkpoint whose config disagrees with its weights names the tensor.
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(tiny().join(f), bad.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(tiny().join("config.json")).unwrap();
+    std::fs::write(
+        bad.join("config.json"),
+        cfg.replace("\"intermediate_size\": 64", "\"intermediate_size\": 80"),
+    )
+    .unwrap();
+    ferrotune()
+        .args(["generate", "--prompt", "x", "--model"])
+        .arg(&bad)
+        .assert()
+        .code(2)
+        .stderr(contains("gate_up_proj.weight"));
+    ferrotune()
+        .args(["generate", "--prompt", "x", "--device", "tpu", "--model"])
+        .arg(tiny())
+        .assert()
+        .code(2)
+        .stderr(contains("--device tpu"));
+}
