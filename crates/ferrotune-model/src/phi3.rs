@@ -263,6 +263,73 @@ impl Phi3 {
         rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 
+    /// Loss and LoRA gradients with per-layer recompute: the forward keeps only each decoder
+    /// layer's input; the backward re-runs one layer at a time under the graph and pushes the
+    /// incoming gradient through it, so activation memory is one layer's, not the model's.
+    ///
+    /// Returns the summed token cross-entropy, the number of trained tokens, and the gradient of
+    /// `scale · sum` for each of [`Phi3::trainable_vars`] (same order). Gradients equal the plain
+    /// graph's; `lora_dropout` must be 0 because a re-run would draw new dropout masks.
+    pub fn loss_and_grads_recompute(
+        &self,
+        batch: &Batch,
+        labels: &[Vec<i64>],
+        scale: f64,
+    ) -> Result<(f32, usize, Vec<Tensor>)> {
+        if self.lora_pairs().iter().any(|(_, p)| p.dropout > 0.0) {
+            candle_core::bail!("per-layer recompute needs lora_dropout = 0 (dropout masks would differ on the re-run)");
+        }
+        let (cos, sin) = self
+            .rope
+            .cos_sin(&batch.positions, self.dtype, &self.device)?;
+        let bias = &batch.attention_bias;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = self.embed(&batch.input_ids)?.detach();
+        for layer in &self.layers {
+            inputs.push(x.clone());
+            x = layer
+                .forward(&x, &cos, &sin, bias, &self.cfg, true, None)?
+                .detach();
+        }
+        // Head: norm, projection, loss; its gradient w.r.t. the last hidden state starts the chain.
+        let h = Var::from_tensor(&x)?;
+        let logits = self
+            .lm_head
+            .forward(&rms_norm(h.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?)?;
+        let loss = crate::loss::causal_lm_loss_sum(&logits, labels)?;
+        let loss_value = loss.sum.to_scalar::<f32>()?;
+        let head_grads = loss.sum.affine(scale, 0.0)?.backward()?;
+        let mut grad = head_grads
+            .get(h.as_tensor())
+            .cloned()
+            .unwrap_or(h.as_tensor().zeros_like()?);
+        let vars = self.trainable_vars();
+        let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
+        for (l, layer) in self.layers.iter().enumerate().rev() {
+            let xi = Var::from_tensor(&inputs[l])?;
+            let y = layer.forward(xi.as_tensor(), &cos, &sin, bias, &self.cfg, true, None)?;
+            let grads = (y * grad.detach())?.sum_all()?.backward()?;
+            for (slot, var) in out.iter_mut().zip(&vars) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            grad = match grads.get(xi.as_tensor()) {
+                Some(g) => g.clone(),
+                None => xi.as_tensor().zeros_like()?,
+            };
+        }
+        let grads = out
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss_value, loss.tokens, grads))
+    }
+
     /// Logits `[b, t, vocab]` (in f32).
     pub fn logits(&self, batch: &Batch, train: bool) -> Result<Tensor> {
         self.lm_head

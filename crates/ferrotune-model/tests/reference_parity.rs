@@ -301,3 +301,33 @@ fn greedy_generation_matches_transformers_with_and_without_adapter() {
         );
     }
 }
+
+#[test]
+fn per_layer_recompute_gives_the_plain_graph_gradients() {
+    for name in ["gqa_sharded", "sliding_window", "packed", "padded"] {
+        let mut c = load(name);
+        peft::load_adapter(&mut c.model, &case_dir(name).join("adapter")).unwrap();
+        let logits = c.model.logits(&c.batch, true).unwrap();
+        let loss = causal_lm_loss(&logits, &c.labels).unwrap();
+        let plain = loss.backward().unwrap();
+        let tokens = ferrotune_model::loss::causal_lm_loss_sum(&logits, &c.labels).unwrap().tokens;
+        let (sum, n, grads) = c
+            .model
+            .loss_and_grads_recompute(&c.batch, &c.labels, 1.0 / tokens as f64)
+            .unwrap();
+        assert_eq!(n, tokens);
+        let mean = sum / n as f32;
+        assert!((mean - loss.to_scalar::<f32>().unwrap()).abs() <= 1e-6 * mean.abs());
+        let vars = c.model.trainable_vars();
+        assert_eq!(grads.len(), vars.len());
+        let mut worst = 0f32;
+        for (g, v) in grads.iter().zip(&vars) {
+            let p = plain.get(v.as_tensor()).unwrap();
+            let diff = (g - p).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = p.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            worst = worst.max(diff / scale);
+        }
+        eprintln!("{name}: recompute vs plain graph, worst relative gradient difference {worst:.2e}");
+        assert!(worst <= 1e-5, "{name}: recompute gradients differ by {worst:e}");
+    }
+}
