@@ -293,9 +293,9 @@ impl Phi3 {
         }
         // Head: norm, projection, loss; its gradient w.r.t. the last hidden state starts the chain.
         let h = Var::from_tensor(&x)?;
-        let logits = self
-            .lm_head
-            .forward(&rms_norm(h.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?)?;
+        let logits =
+            self.lm_head
+                .forward(&rms_norm(h.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?)?;
         let loss = crate::loss::causal_lm_loss_sum(&logits, labels)?;
         let loss_value = loss.sum.to_scalar::<f32>()?;
         let head_grads = loss.sum.affine(scale, 0.0)?.backward()?;

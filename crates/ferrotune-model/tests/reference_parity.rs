@@ -310,7 +310,9 @@ fn per_layer_recompute_gives_the_plain_graph_gradients() {
         let logits = c.model.logits(&c.batch, true).unwrap();
         let loss = causal_lm_loss(&logits, &c.labels).unwrap();
         let plain = loss.backward().unwrap();
-        let tokens = ferrotune_model::loss::causal_lm_loss_sum(&logits, &c.labels).unwrap().tokens;
+        let tokens = ferrotune_model::loss::causal_lm_loss_sum(&logits, &c.labels)
+            .unwrap()
+            .tokens;
         let (sum, n, grads) = c
             .model
             .loss_and_grads_recompute(&c.batch, &c.labels, 1.0 / tokens as f64)
@@ -323,11 +325,96 @@ fn per_layer_recompute_gives_the_plain_graph_gradients() {
         let mut worst = 0f32;
         for (g, v) in grads.iter().zip(&vars) {
             let p = plain.get(v.as_tensor()).unwrap();
-            let diff = (g - p).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let scale = p.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (g - p)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = p
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             worst = worst.max(diff / scale);
         }
-        eprintln!("{name}: recompute vs plain graph, worst relative gradient difference {worst:.2e}");
-        assert!(worst <= 1e-5, "{name}: recompute gradients differ by {worst:e}");
+        eprintln!(
+            "{name}: recompute vs plain graph, worst relative gradient difference {worst:.2e}"
+        );
+        assert!(
+            worst <= 1e-5,
+            "{name}: recompute gradients differ by {worst:e}"
+        );
     }
+}
+
+/// An adapter made and saved by ferrotune (fresh PEFT-style init on two targets, B set to a
+/// fixed pattern so it changes the output), with the logits ferrotune computes with it.
+fn ferrotune_adapter(dir: &Path) -> (Tensor, Case) {
+    let mut c = load("hub_mha");
+    let lora = ferrotune_model::LoraConfig {
+        r: 8,
+        lora_alpha: 16.0,
+        lora_dropout: 0.0,
+        target_modules: vec!["qkv_proj".into(), "down_proj".into()],
+        use_rslora: false,
+    };
+    c.model.add_lora(&lora, 42).unwrap();
+    for (i, (_, pair)) in c.model.lora_pairs().into_iter().enumerate() {
+        let (out, r) = pair.b.as_tensor().dims2().unwrap();
+        let pattern: Vec<f32> = (0..out * r)
+            .map(|k| ((k * 7 + i * 13) % 17) as f32 / 17.0 - 0.5)
+            .collect();
+        pair.b
+            .set(&Tensor::from_vec(pattern, (out, r), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    peft::save_adapter(&c.model, &lora, "fixtures/models/hub_mha", dir).unwrap();
+    (c.model.logits(&c.batch, false).unwrap(), c)
+}
+
+#[test]
+fn adapters_saved_by_ferrotune_load_in_peft_with_the_same_logits() {
+    // scripts/check_ferrotune_adapter.py loaded fixtures/models/hub_mha/ferrotune_adapter in PEFT
+    // and recorded its logits against ours; this test checks that ferrotune still writes exactly
+    // that adapter and computes those logits, so the recorded PEFT result applies to this code.
+    let committed = case_dir("hub_mha").join("ferrotune_adapter");
+    let tmp = tempfile::tempdir().unwrap();
+    let (logits, _) = ferrotune_adapter(tmp.path());
+    if std::env::var_os("FERROTUNE_WRITE_FIXTURES").is_some() {
+        std::fs::create_dir_all(&committed).unwrap();
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            std::fs::copy(tmp.path().join(f), committed.join(f)).unwrap();
+        }
+        candle_core::safetensors::save(
+            &HashMap::from([("logits".to_string(), logits.clone())]),
+            committed.join("ferrotune_logits.safetensors"),
+        )
+        .unwrap();
+    }
+    let ours = std::fs::read(tmp.path().join("adapter_model.safetensors")).unwrap();
+    let theirs = std::fs::read(committed.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        ours == theirs,
+        "ferrotune now writes a different adapter than the one PEFT checked"
+    );
+    let recorded = candle_core::safetensors::load(
+        committed.join("ferrotune_logits.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let all_real = vec![vec![1u8; 12]; 2];
+    assert_eq!(max_diff(&logits, &recorded["logits"], &all_real), 0.0);
+    let check: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(committed.join("peft_check.json")).unwrap())
+            .unwrap();
+    assert_eq!(check["loaded_in_peft"], true);
+    assert!(
+        check["max_abs_logit_diff"].as_f64().unwrap() <= 1e-4,
+        "{check}"
+    );
 }
