@@ -34,6 +34,9 @@ pub const SAMPLE_JSONL: [(&str, &[u8]); 2] = [
 /// The Python reference for `bench data`.
 pub const BENCH_DATA_REFERENCE: &str = include_str!("../../../scripts/bench_data_reference.py");
 
+/// The PyTorch reference for `bench train`.
+pub const BENCH_TRAIN_REFERENCE: &str = include_str!("../../../scripts/bench_train_reference.py");
+
 /// Write `files` into `dir` (created), replacing files whose content differs.
 pub fn materialise(dir: &Path, files: &[(&str, &[u8])]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;

@@ -147,8 +147,8 @@ pub struct StatsArgs {
 pub enum BenchCommand {
     /// `data prepare` throughput against transformers' apply_chat_template, in one run.
     Data(BenchDataArgs),
-    /// Training throughput (a later issue).
-    Train(Unbuilt),
+    /// LoRA forward+backward tokens/s and peak memory against transformers + PEFT (PyTorch eager).
+    Train(BenchTrainArgs),
     /// Decoding throughput (a later issue).
     Decode(Unbuilt),
 }
@@ -229,4 +229,43 @@ pub struct EvalArgs {
     /// Evaluate only the first N conversations.
     #[arg(long)]
     pub max_rows: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// cpu (CUDA runs come with the GPU checklist).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 32064)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 768)]
+    pub intermediate: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: usize,
+    /// LoRA rank (alpha = 2r) on all four decoder linears.
+    #[arg(long, default_value_t = 16)]
+    pub r: usize,
+    /// Use per-layer recompute (activation checkpointing) for the backward.
+    #[arg(long)]
+    pub recompute: bool,
+    /// Python with torch, transformers and peft, for the reference.
+    #[arg(long, env = "FERROTUNE_PYTHON", default_value = "python3")]
+    pub python: String,
+    /// Skip the PyTorch reference.
+    #[arg(long)]
+    pub no_reference: bool,
 }

@@ -29,7 +29,7 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Data(DataCommand::Inspect(args)) => commands::data::inspect(args, json),
         Command::Data(DataCommand::Stats(args)) => commands::data::stats(args, json),
         Command::Bench(BenchCommand::Data(args)) => commands::bench_data::run(args, json),
-        Command::Bench(BenchCommand::Train(_)) => Err(Failure::not_yet("bench train", "[model]")),
+        Command::Bench(BenchCommand::Train(args)) => commands::bench_train::run(args, json),
         Command::Bench(BenchCommand::Decode(_)) => Err(Failure::not_yet("bench decode", "[serve]")),
         Command::Train(_) => Err(Failure::not_yet("train", "[train]")),
         Command::Eval(args) => commands::eval::run(args, json),

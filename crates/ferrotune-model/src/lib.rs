@@ -12,6 +12,7 @@ pub mod loss;
 pub mod mask;
 pub mod peft;
 pub mod phi3;
+pub mod random_weights;
 pub mod rope;
 pub mod weights;
 

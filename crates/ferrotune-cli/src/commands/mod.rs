@@ -1,4 +1,5 @@
 pub mod bench_data;
+pub mod bench_train;
 pub mod data;
 pub mod eval;
 pub mod generate;

@@ -1,0 +1,201 @@
+//! `ferrotune bench train`: LoRA forward+backward throughput and peak memory of ferrotune and of
+//! transformers + PEFT (PyTorch eager) on the same random Phi-3 shape, in one run.
+
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use ferrotune_model::loss::causal_lm_loss;
+use ferrotune_model::mask::AttentionLayout;
+use ferrotune_model::random_weights::RandomWeights;
+use ferrotune_model::{Batch, LoraConfig, Phi3, Phi3Config};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::assets;
+use crate::cli::BenchTrainArgs;
+use crate::commands::model_args;
+use crate::failure::Failure;
+
+#[derive(Deserialize)]
+struct Reference {
+    tokens_per_second: f64,
+    seconds_per_step: f64,
+    peak_rss_bytes: u64,
+    torch: String,
+}
+
+pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
+    if args.steps == 0 || args.seq < 2 || args.heads % args.kv_heads.max(1) != 0 {
+        return Err(Failure::usage(
+            "--steps ≥ 1, --seq ≥ 2 and --kv-heads dividing --heads are needed",
+        ));
+    }
+    let device = model_args::device(Some(&args.device))?;
+    let cfg_json = json!({"model_type": "phi3", "vocab_size": args.vocab, "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
+        "max_position_embeddings": args.seq.max(4096)});
+    let cfg = Phi3Config::from_json_str(&cfg_json.to_string()).map_err(Failure::usage)?;
+    let weights = RandomWeights {
+        dtype: DType::F32,
+        device: device.clone(),
+    };
+    let mut model = Phi3::load(&cfg, &weights, DType::F32, &device)?;
+    let lora = LoraConfig {
+        r: args.r,
+        lora_alpha: 2.0 * args.r as f64,
+        ..LoraConfig::default()
+    };
+    model.add_lora(&lora, 0)?;
+    // LoRA B starts at zero; give it values so the backward does the work it does mid-training.
+    for (_, pair) in model.lora_pairs() {
+        let b = pair.b.as_tensor();
+        pair.b.set(&Tensor::randn(0f32, 0.02, b.dims(), &device)?)?;
+    }
+    let (b, t) = (args.batch, args.seq);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| ((i * 7919 + 13) % args.vocab) as u32)
+        .collect();
+    let labels: Vec<Vec<i64>> = ids
+        .chunks(t)
+        .map(|r| r.iter().map(|&x| i64::from(x)).collect())
+        .collect();
+    let batch = Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), &device)?,
+        positions: vec![(0..t as u32).collect(); b],
+        attention_bias: AttentionLayout::default().bias(b, t, &device)?,
+    };
+    let mut times = Vec::new();
+    for step in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        if args.recompute {
+            let (_, n, grads) = model.loss_and_grads_recompute(&batch, &labels, 1.0)?;
+            drop((n, grads));
+        } else {
+            let logits = model.logits(&batch, true)?;
+            let grads = causal_lm_loss(&logits, &labels)?.backward()?;
+            drop(grads);
+        }
+        device.synchronize()?;
+        if step >= args.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let per_step = times.iter().sum::<f64>() / times.len() as f64;
+    let ours_tps = (b * t) as f64 / per_step;
+    let ours_rss = peak_rss_bytes();
+    let reference = if args.no_reference {
+        None
+    } else {
+        Some(run_reference(args)?)
+    };
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "shape": cfg_json, "batch": b, "seq": t, "lora_r": args.r, "recompute": args.recompute,
+                "ferrotune": {"tokens_per_second": ours_tps, "seconds_per_step": per_step, "peak_rss_bytes": ours_rss},
+                "reference": reference.as_ref().map(|r| json!({"tokens_per_second": r.tokens_per_second,
+                    "seconds_per_step": r.seconds_per_step, "peak_rss_bytes": r.peak_rss_bytes, "torch": r.torch})),
+                "speedup": reference.as_ref().map(|r| ours_tps / r.tokens_per_second),
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "shape      Phi-3 {} layers, hidden {}, intermediate {}, heads {}/{}, vocab {}; batch {b} x {t} tokens, LoRA r={} on all linears{}",
+        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab, args.r,
+        if args.recompute { ", recompute" } else { "" }
+    );
+    println!(
+        "ferrotune  {ours_tps:>9.0} tokens/s  {per_step:.3} s/step  peak RSS {:.2} GiB",
+        gib(ours_rss)
+    );
+    if let Some(r) = &reference {
+        println!(
+            "reference  {:>9.0} tokens/s  {:.3} s/step  peak RSS {:.2} GiB  (PyTorch {} eager + PEFT)",
+            r.tokens_per_second, r.seconds_per_step, gib(r.peak_rss_bytes), r.torch
+        );
+        println!(
+            "ratio      {:.2}x tokens/s, {:.2}x peak RSS",
+            ours_tps / r.tokens_per_second,
+            ours_rss as f64 / r.peak_rss_bytes.max(1) as f64
+        );
+    }
+    Ok(())
+}
+
+fn run_reference(a: &BenchTrainArgs) -> Result<Reference, Failure> {
+    let script =
+        std::env::temp_dir().join(format!("ferrotune-bench-train-{}.py", std::process::id()));
+    std::fs::write(&script, assets::BENCH_TRAIN_REFERENCE)
+        .map_err(|e| Failure::runtime(format!("bench train: {e}")))?;
+    tracing::info!("running the PyTorch reference ({})", a.python);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let output = Command::new(&a.python)
+        .arg(&script)
+        .args([
+            "--vocab",
+            &a.vocab.to_string(),
+            "--hidden",
+            &a.hidden.to_string(),
+        ])
+        .args([
+            "--intermediate",
+            &a.intermediate.to_string(),
+            "--layers",
+            &a.layers.to_string(),
+        ])
+        .args([
+            "--heads",
+            &a.heads.to_string(),
+            "--kv-heads",
+            &a.kv_heads.to_string(),
+        ])
+        .args([
+            "--seq",
+            &a.seq.to_string(),
+            "--batch",
+            &a.batch.to_string(),
+            "--r",
+            &a.r.to_string(),
+        ])
+        .args([
+            "--steps",
+            &a.steps.to_string(),
+            "--warmup",
+            &a.warmup.to_string(),
+        ])
+        .args(["--threads", &threads.to_string()])
+        .output();
+    let _ = std::fs::remove_file(&script);
+    let output = output.map_err(|e| {
+        Failure::usage(format!(
+            "cannot start {} ({e}); pass --python or --no-reference",
+            a.python
+        ))
+    })?;
+    if !output.status.success() {
+        return Err(Failure::usage(format!(
+            "the PyTorch reference failed (needs torch, transformers, peft; or use --no-reference):\n{}",
+            String::from_utf8_lossy(&output.stderr).lines().rev().take(5).collect::<Vec<_>>().join("\n")
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .map_err(|e| Failure::runtime(format!("unreadable reference output ({e}): {stdout}")))
+}
+
+/// Peak resident set of this process (VmHWM), bytes.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
