@@ -26,7 +26,7 @@ struct Reference {
 }
 
 pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
-    if args.steps == 0 || args.seq < 2 || args.heads % args.kv_heads.max(1) != 0 {
+    if args.steps == 0 || args.seq < 2 || !args.heads.is_multiple_of(args.kv_heads.max(1)) {
         return Err(Failure::usage(
             "--steps ≥ 1, --seq ≥ 2 and --kv-heads dividing --heads are needed",
         ));
