@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load the adapter ferrotune saved (fixtures/models/hub_mha/ferrotune_adapter) with PEFT, run
 the fixture batch, compare with the logits ferrotune computed, and record the result in
-peft_check.json (committed; the Rust test checks ferrotune still writes that exact adapter).
+peft_check.json and PEFT's own logits in peft_logits.safetensors (committed; the Rust test checks ferrotune still writes that exact adapter).
 
 Regenerate the adapter first:  FERROTUNE_WRITE_FIXTURES=1 cargo test -p ferrotune-model adapters_saved
 Then:                          python scripts/check_ferrotune_adapter.py
@@ -11,7 +11,7 @@ import os
 
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import Phi3ForCausalLM
 
 CASE = "fixtures/models/hub_mha"
@@ -32,6 +32,7 @@ def main():
               "peft_modules": sorted({n.split(".lora_")[0] for n, _ in model.named_parameters() if "lora_" in n})}
     assert effect > 1e-3, "the adapter should change the output"
     json.dump(result, open(os.path.join(ADAPTER, "peft_check.json"), "w"), indent=1)
+    save_file({"logits": logits.contiguous()}, os.path.join(ADAPTER, "peft_logits.safetensors"))
     print(json.dumps(result)[:300])
 
 

@@ -14,6 +14,7 @@ pub mod peft;
 pub mod phi3;
 pub mod random_weights;
 pub mod rope;
+pub mod softmax;
 pub mod weights;
 
 pub use config::{Phi3Config, RopeScaling};

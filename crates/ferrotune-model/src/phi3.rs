@@ -9,6 +9,7 @@ use crate::config::Phi3Config;
 use crate::frozen_linear::FrozenMatmul;
 use crate::lora::{Linear, LoraConfig, LoraPair};
 use crate::rope::{self, Rope};
+use crate::softmax::softmax_last_dim;
 
 /// Weight names follow the checkpoint (`model.layers.{i}.self_attn.qkv_proj.weight`, ...).
 pub struct Phi3 {
@@ -467,13 +468,6 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     xf.broadcast_mul(&inv)?
         .to_dtype(dtype)?
         .broadcast_mul(weight)
-}
-
-/// Softmax over the last dimension from differentiable ops (the max is a constant shift).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 fn sigmoid(x: &Tensor) -> Result<Tensor> {

@@ -380,8 +380,8 @@ fn ferrotune_adapter(dir: &Path) -> (Tensor, Case) {
 #[test]
 fn adapters_saved_by_ferrotune_load_in_peft_with_the_same_logits() {
     // scripts/check_ferrotune_adapter.py loaded fixtures/models/hub_mha/ferrotune_adapter in PEFT
-    // and recorded its logits against ours; this test checks that ferrotune still writes exactly
-    // that adapter and computes those logits, so the recorded PEFT result applies to this code.
+    // and recorded its logits; this test checks that ferrotune still writes exactly that adapter
+    // and that its logits with it match PEFT's.
     let committed = case_dir("hub_mha").join("ferrotune_adapter");
     let tmp = tempfile::tempdir().unwrap();
     let (logits, _) = ferrotune_adapter(tmp.path());
@@ -402,13 +402,15 @@ fn adapters_saved_by_ferrotune_load_in_peft_with_the_same_logits() {
         ours == theirs,
         "ferrotune now writes a different adapter than the one PEFT checked"
     );
-    let recorded = candle_core::safetensors::load(
-        committed.join("ferrotune_logits.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let peft_logits =
+        candle_core::safetensors::load(committed.join("peft_logits.safetensors"), &Device::Cpu)
+            .unwrap();
     let all_real = vec![vec![1u8; 12]; 2];
-    assert_eq!(max_diff(&logits, &recorded["logits"], &all_real), 0.0);
+    let d = max_diff(&logits, &peft_logits["logits"], &all_real);
+    assert!(
+        d <= 1e-4,
+        "our logits with our adapter differ from PEFT's by {d:e}"
+    );
     let check: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(committed.join("peft_check.json")).unwrap())
             .unwrap();
