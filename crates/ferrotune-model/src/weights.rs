@@ -1,63 +1,150 @@
 //! Loading HF-layout checkpoints: `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`, memory-mapped, each tensor converted to the run's dtype as it
-//! is read (never two full copies), and model ids resolved through the Hugging Face cache.
+//! `model.safetensors.index.json`, each tensor read and converted to the run's dtype on its own
+//! (never two full copies), and model ids resolved through the Hugging Face cache.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::phi3::WeightSource;
 
-/// The safetensors files of a model folder, mapped.
+/// The safetensors files of a model folder. Each tensor is read with one positioned read into a
+/// buffer that is dropped once the tensor exists in the run's dtype, so loading never holds the
+/// file contents and the model at once (peak ≈ model + twice the largest tensor), unlike a
+/// memory map whose touched pages stay resident until it is dropped.
 pub struct SafetensorsWeights {
     dir: PathBuf,
-    files: MmapedSafetensors,
+    files: Vec<std::fs::File>,
+    /// name → (file index, dtype, shape, absolute byte range)
+    index: HashMap<String, (usize, DType, Vec<usize>, u64, u64)>,
     dtype: DType,
     device: Device,
 }
 
 impl SafetensorsWeights {
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<SafetensorsWeights> {
-        let paths = weight_files(dir)?;
-        // SAFETY: the files are mapped read-only; ferrotune never writes them while mapped.
-        let files =
-            unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::Weights {
-                path: dir.to_path_buf(),
-                message: format!("cannot map safetensors: {e}"),
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for path in weight_files(dir)? {
+            let file = std::fs::File::open(&path).map_err(|e| ModelError::Io {
+                path: path.clone(),
+                source: e,
             })?;
+            for (name, entry) in read_header(&file, &path)? {
+                index.insert(name, (files.len(), entry.0, entry.1, entry.2, entry.3));
+            }
+            files.push(file);
+        }
         Ok(SafetensorsWeights {
             dir: dir.to_path_buf(),
             files,
+            index,
             dtype,
             device: device.clone(),
         })
     }
 }
 
+type HeaderEntry = (DType, Vec<usize>, u64, u64);
+
+/// Parse a safetensors header: name → (dtype, shape, absolute start, absolute end).
+fn read_header(file: &std::fs::File, path: &Path) -> Result<Vec<(String, HeaderEntry)>> {
+    use std::os::unix::fs::FileExt;
+    let bad = |m: String| ModelError::Weights {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0)
+        .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 {
+        return Err(bad(format!("header of {n} bytes: not a safetensors file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact_at(&mut header, 8)
+        .map_err(|e| bad(format!("truncated header ({e})")))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let data_start = 8 + n;
+    let mut out = Vec::new();
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = match v.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => DType::F32,
+            Some("BF16") => DType::BF16,
+            Some("F16") => DType::F16,
+            other => {
+                return Err(bad(format!(
+                    "tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"
+                )))
+            }
+        };
+        let shape: Vec<usize> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d.as_u64().map(|d| d as usize))
+                    .collect()
+            })
+            .ok_or_else(|| bad(format!("tensor `{name}` has no shape")))?;
+        let offsets = v
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .filter(|o| o.len() == 2)
+            .and_then(|o| Some((o[0].as_u64()?, o[1].as_u64()?)))
+            .ok_or_else(|| bad(format!("tensor `{name}` has no data_offsets")))?;
+        let expected = shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+        if offsets.1 < offsets.0 || offsets.1 - offsets.0 != expected {
+            return Err(bad(format!(
+                "tensor `{name}`: data_offsets do not match its shape and dtype"
+            )));
+        }
+        out.push((
+            name.clone(),
+            (dtype, shape, data_start + offsets.0, data_start + offsets.1),
+        ));
+    }
+    Ok(out)
+}
+
 impl WeightSource for SafetensorsWeights {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let missing = |m: String| ModelError::Weights {
+        use std::os::unix::fs::FileExt;
+        let bad = |m: String| ModelError::Weights {
             path: self.dir.clone(),
             message: m,
         };
-        let t = self.files.load(name, &Device::Cpu).map_err(|_| {
-            missing(format!(
+        let (file, dtype, dims, start, end) = self.index.get(name).ok_or_else(|| {
+            bad(format!(
                 "tensor `{name}` is missing; is this a Phi-3 checkpoint?"
             ))
         })?;
-        if t.dims() != shape {
-            return Err(missing(format!(
-                "tensor `{name}` has shape {:?}; config.json implies {shape:?}",
-                t.dims()
+        if dims.as_slice() != shape {
+            return Err(bad(format!(
+                "tensor `{name}` has shape {dims:?}; config.json implies {shape:?}"
             )));
         }
+        let mut bytes = vec![0u8; (end - start) as usize];
+        self.files[*file]
+            .read_exact_at(&mut bytes, *start)
+            .map_err(|e| bad(format!("reading tensor `{name}`: {e}")))?;
+        let t = Tensor::from_raw_buffer(&bytes, *dtype, dims, &Device::Cpu)?;
+        drop(bytes);
         Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.files.get(name).is_ok()
+        self.index.contains_key(name)
     }
 }
 
@@ -154,4 +241,72 @@ fn hub_cache_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
     home.join(".cache/huggingface/hub")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damaged_or_missing_weight_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = SafetensorsWeights::open(dir.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("no model.safetensors"), "{err}");
+        std::fs::write(
+            dir.path().join("model.safetensors"),
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+        )
+        .unwrap();
+        let err = SafetensorsWeights::open(dir.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("header is not JSON"), "{err}");
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            r#"{"weight_map": {"a": "model-00001-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        let err = SafetensorsWeights::open(dir.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("listed in model.safetensors.index.json but not present"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tensors_convert_to_the_run_dtype_and_shapes_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let t = t.to_dtype(DType::BF16).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("w".to_string(), t)]),
+            dir.path().join("model.safetensors"),
+        )
+        .unwrap();
+        let w = SafetensorsWeights::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        let got = w.tensor("w", &[2, 3]).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        assert_eq!(
+            got.to_vec2::<f32>().unwrap(),
+            [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+        );
+        assert!(w
+            .tensor("w", &[3, 2])
+            .unwrap_err()
+            .to_string()
+            .contains("has shape [2, 3]"));
+        assert!(w
+            .tensor("v", &[1])
+            .unwrap_err()
+            .to_string()
+            .contains("`v` is missing"));
+    }
 }
