@@ -13,8 +13,10 @@ pub mod mask;
 pub mod peft;
 pub mod phi3;
 pub mod random_weights;
+pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
+pub mod swiglu;
 pub mod weights;
 
 pub use config::{Phi3Config, RopeScaling};

@@ -8,8 +8,10 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use crate::config::Phi3Config;
 use crate::frozen_linear::FrozenMatmul;
 use crate::lora::{Linear, LoraConfig, LoraPair};
+pub use crate::rms_norm::rms_norm;
 use crate::rope::{self, Rope};
 use crate::softmax::softmax_last_dim;
+use crate::swiglu::swiglu;
 
 /// Weight names follow the checkpoint (`model.layers.{i}.self_attn.qkv_proj.weight`, ...).
 pub struct Phi3 {
@@ -374,12 +376,7 @@ impl DecoderLayer {
         let x = (x + self.attention(&h, cos, sin, bias, cfg, train, cache)?)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
         let gate_up = self.gate_up_proj.forward(&h, train)?;
-        let i = cfg.intermediate_size;
-        let gate = gate_up.narrow(D::Minus1, 0, i)?;
-        let up = gate_up.narrow(D::Minus1, i, i)?;
-        // silu(g) = g·sigmoid(g), written out so it records a backward.
-        let act = (&gate * sigmoid(&gate)?)?;
-        x + self.down_proj.forward(&(up * act)?, train)?
+        x + self.down_proj.forward(&swiglu(&gate_up)?, train)?
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -456,22 +453,6 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     x.unsqueeze(2)?
         .broadcast_as((b, kv, n, t, d))?
         .reshape((b, kv * n, t, d))
-}
-
-/// RMSNorm in f32 as transformers computes it, weight applied in the input dtype.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?;
-    xf.broadcast_mul(&inv)?
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)
-}
-
-fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
 }
 
 /// splitmix64, for reproducible LoRA initialisation without a dependency.

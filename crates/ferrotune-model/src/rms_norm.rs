@@ -1,0 +1,173 @@
+//! RMSNorm as transformers computes it (`x · rsqrt(mean(x²) + eps)` in f32, then `· weight`),
+//! with a fused CPU forward and backward (rows in parallel) for f32, and candle ops elsewhere.
+//! The weight is frozen: only the input gradient is produced.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// `[..., h]` normalised over the last dimension and scaled by `weight` `[h]`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(RmsNorm {
+            weight: weight.contiguous()?,
+            eps: eps as f32,
+        });
+    }
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    xf.broadcast_mul(&inv)?
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(d) = s else {
+        candle_core::bail!("rms-norm: expected f32");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("rms-norm: expected a contiguous input");
+    };
+    Ok((&d[a..b], *l.dims().last().expect("at least one dimension")))
+}
+
+fn weight_slice(w: &Tensor) -> Result<Vec<f32>> {
+    w.flatten_all()?.to_vec1::<f32>()
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, h) = rows(s, l)?;
+        let w = weight_slice(&self.weight)?;
+        if w.len() != h {
+            candle_core::bail!("rms-norm: weight has {} values for rows of {h}", w.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .for_each(|(y, x)| {
+                let r = inv_rms(x, self.eps);
+                for ((y, x), w) in y.iter_mut().zip(x).zip(&w) {
+                    *y = x * r * w;
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(
+            &g,
+            &RmsNormGrad {
+                weight: self.weight.clone(),
+                eps: self.eps,
+            },
+        )?))
+    }
+}
+
+/// `dx = r·(g⊙w) − x·r³·Σ(g⊙w⊙x)/h` per row, `r = rsqrt(mean(x²) + eps)`.
+struct RmsNormGrad {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, h) = rows(s1, l1)?;
+        let (g, _) = rows(s2, l2)?;
+        let w = weight_slice(&self.weight)?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(h)
+            .zip(x.par_chunks(h).zip(g.par_chunks(h)))
+            .for_each(|(dx, (x, g))| {
+                let r = inv_rms(x, self.eps);
+                let dot: f32 = x.iter().zip(g).zip(&w).map(|((x, g), w)| g * w * x).sum();
+                let c = r * r * r * dot / h as f32;
+                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(&w) {
+                    *dx = r * g * w - x * c;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_rms_norm_matches_the_composed_one_forward_and_backward() {
+        let x =
+            Var::from_tensor(&Tensor::randn(0f32, 1.5, (2, 3, 16), &Device::Cpu).unwrap()).unwrap();
+        let w = (Tensor::randn(0f32, 0.1, 16, &Device::Cpu).unwrap() + 1.0).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 16), &Device::Cpu).unwrap();
+        let fused = rms_norm(x.as_tensor(), &w, 1e-5).unwrap();
+        let xf = x.as_tensor();
+        let inv = (xf.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let composed = xf.broadcast_mul(&inv).unwrap().broadcast_mul(&w).unwrap();
+        let d = (&fused - &composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-6, "forward differs by {d}");
+        let ga = (fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (ga, gb) = (ga.get(xf).unwrap(), gb.get(xf).unwrap());
+        let d = (ga - gb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-5, "gradient differs by {d}");
+    }
+}
