@@ -3,6 +3,7 @@
 //! LoRA, and the causal-LM loss.
 
 pub mod config;
+mod cpu_rows;
 pub mod error;
 pub mod frozen_linear;
 pub mod generate;

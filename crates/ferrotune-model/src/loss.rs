@@ -4,6 +4,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::cpu_rows::f32_rows;
+
 /// Sum of token cross-entropies and the number of trained tokens, so callers can average over
 /// several micro-batches exactly (`sum / count`, not a mean of means).
 pub struct LossSum {
@@ -66,28 +68,14 @@ struct CrossEntropyRows {
     targets: std::sync::Arc<[Option<u32>]>,
 }
 
-fn row_slices<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    name: &str,
-) -> Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{name}: expected f32");
-    };
-    let (n, v) = layout.shape().dims2()?;
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{name}: expected contiguous input");
-    };
-    Ok((&data[start..end], n, v))
-}
-
 impl CustomOp1 for CrossEntropyRows {
     fn name(&self) -> &'static str {
         "cross-entropy-rows"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (data, n, v) = row_slices(storage, layout, self.name())?;
+        let (data, v) = f32_rows(storage, layout, self.name())?;
+        let n = data.len() / v;
         let out: Vec<f32> = data
             .par_chunks(v)
             .zip(self.targets.par_iter())
@@ -131,7 +119,8 @@ impl CustomOp2 for CrossEntropyRowsGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (data, n, v) = row_slices(s1, l1, self.name())?;
+        let (data, v) = f32_rows(s1, l1, self.name())?;
+        let n = data.len() / v;
         let CpuStorage::F32(g) = s2 else {
             candle_core::bail!("cross-entropy grad: expected f32 gradient");
         };

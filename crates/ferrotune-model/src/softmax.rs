@@ -5,6 +5,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::cpu_rows::f32_rows;
+
 /// Softmax over the last dimension (f32 in, f32 out on CPU; any dtype elsewhere).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
@@ -17,26 +19,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct SoftmaxLastDim;
 
-fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize)> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("softmax: expected f32");
-    };
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("softmax: expected a contiguous input");
-    };
-    Ok((
-        &data[start..end],
-        *l.dims().last().expect("at least one dimension"),
-    ))
-}
-
 impl CustomOp1 for SoftmaxLastDim {
     fn name(&self) -> &'static str {
         "softmax-last-dim"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, d) = f32_rows(s, l)?;
+        let (x, d) = f32_rows(s, l, self.name())?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(d)
             .zip(x.par_chunks(d))
@@ -75,8 +64,8 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, d) = f32_rows(s1, l1)?;
-        let (g, _) = f32_rows(s2, l2)?;
+        let (y, d) = f32_rows(s1, l1, self.name())?;
+        let (g, _) = f32_rows(s2, l2, self.name())?;
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(d)
             .zip(y.par_chunks(d).zip(g.par_chunks(d)))
@@ -93,45 +82,19 @@ impl CustomOp2 for SoftmaxGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
 
     #[test]
     fn fused_softmax_matches_the_composed_one_forward_and_backward() {
-        let x =
-            Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 4, 9), &Device::Cpu).unwrap()).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (3, 4, 9), &Device::Cpu).unwrap();
-        let fused = softmax_last_dim(x.as_tensor()).unwrap();
-        let max = x.as_tensor().max_keepdim(D::Minus1).unwrap().detach();
-        let e = x.as_tensor().broadcast_sub(&max).unwrap().exp().unwrap();
-        let composed = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-        let d = (&fused - &composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d <= 1e-6);
-        let ga = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (composed * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let (ga, gb) = (
-            ga.get(x.as_tensor()).unwrap(),
-            gb.get(x.as_tensor()).unwrap(),
+        let composed = |x: &Tensor| {
+            let max = x.max_keepdim(D::Minus1)?.detach();
+            let e = x.broadcast_sub(&max)?.exp()?;
+            e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+        };
+        crate::cpu_rows::check::fused_matches_composed(
+            &[3, 4, 9],
+            softmax_last_dim,
+            composed,
+            1e-6,
         );
-        let d = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d <= 1e-6, "gradient differs by {d}");
     }
 }

@@ -5,6 +5,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::cpu_rows::f32_rows;
+
 /// `[..., 2i]` → `[..., i]`.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     if gate_up.device().is_cpu() && gate_up.dtype() == DType::F32 {
@@ -19,16 +21,6 @@ pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize)> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!("swiglu: expected f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("swiglu: expected a contiguous input");
-    };
-    Ok((&d[a..b], *l.dims().last().expect("at least one dimension")))
-}
-
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -39,7 +31,7 @@ impl CustomOp1 for SwiGlu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = rows(s, l)?;
+        let (x, w) = f32_rows(s, l, self.name())?;
         let i = w / 2;
         let mut out = vec![0f32; x.len() / 2];
         out.par_chunks_mut(i)
@@ -77,8 +69,8 @@ impl CustomOp2 for SwiGluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = rows(s1, l1)?;
-        let (g, i) = rows(s2, l2)?;
+        let (x, w) = f32_rows(s1, l1, self.name())?;
+        let (g, i) = f32_rows(s2, l2, self.name())?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(w)
             .zip(x.par_chunks(w).zip(g.par_chunks(i)))
@@ -98,52 +90,13 @@ impl CustomOp2 for SwiGluGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
 
     #[test]
     fn fused_swiglu_matches_the_composed_one_forward_and_backward() {
-        let x =
-            Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 10), &Device::Cpu).unwrap()).unwrap();
-        let probe = Tensor::randn(0f32, 1.0, (2, 3, 5), &Device::Cpu).unwrap();
-        let fused = swiglu(x.as_tensor()).unwrap();
-        let (gate, up) = (
-            x.as_tensor().narrow(2, 0, 5).unwrap(),
-            x.as_tensor().narrow(2, 5, 5).unwrap(),
-        );
-        let composed = (up * (&gate * candle_nn::ops::sigmoid(&gate).unwrap()).unwrap()).unwrap();
-        let d = (&fused - &composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d <= 1e-6, "forward differs by {d}");
-        let ga = (fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (composed * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let (ga, gb) = (
-            ga.get(x.as_tensor()).unwrap(),
-            gb.get(x.as_tensor()).unwrap(),
-        );
-        let d = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d <= 1e-5, "gradient differs by {d}");
+        let composed = |x: &Tensor| {
+            let (gate, up) = (x.narrow(2, 0, 5)?, x.narrow(2, 5, 5)?);
+            up * (&gate * candle_nn::ops::sigmoid(&gate)?)?
+        };
+        crate::cpu_rows::check::fused_matches_composed(&[2, 3, 10], swiglu, composed, 1e-6);
     }
 }
