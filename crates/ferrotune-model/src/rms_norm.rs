@@ -125,6 +125,6 @@ mod tests {
             x.broadcast_mul(&inv)?.broadcast_mul(&w)
         };
         let fused = |x: &Tensor| rms_norm(x, &w, 1e-5);
-        crate::cpu_rows::check::fused_matches_composed(&[2, 3, 16], fused, composed, 1e-6);
+        crate::cpu_rows::check::fused_matches_composed(&[2, 3, 16], fused, composed, 1e-6, 1e-5);
     }
 }

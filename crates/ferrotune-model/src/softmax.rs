@@ -95,6 +95,7 @@ mod tests {
             softmax_last_dim,
             composed,
             1e-6,
+            1e-6,
         );
     }
 }
