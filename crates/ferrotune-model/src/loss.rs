@@ -151,23 +151,11 @@ impl CustomOp2 for CrossEntropyRowsGrad {
 /// The same loss from candle ops (any device).
 fn composed_loss_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<LossSum> {
     let (b, t, v) = logits.dims3()?;
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for (r, row) in labels.iter().enumerate().take(b) {
-        for i in 0..t.saturating_sub(1) {
-            let label = row[i + 1];
-            if label != -100 {
-                if label < 0 || label as usize >= v {
-                    candle_core::bail!(
-                        "label {label} at [{r}, {}] is outside the vocabulary of {v}",
-                        i + 1
-                    );
-                }
-                rows.push((r * t + i) as u32);
-                targets.push(label as u32);
-            }
-        }
-    }
+    let (rows, targets): (Vec<u32>, Vec<u32>) = shifted_targets(labels, b, t, v)?
+        .into_iter()
+        .enumerate()
+        .filter_map(|(row, target)| Some((row as u32, target?)))
+        .unzip();
     let device = logits.device();
     if rows.is_empty() {
         return Ok(LossSum {
