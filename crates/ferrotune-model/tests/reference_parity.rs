@@ -107,6 +107,28 @@ fn max_diff(a: &Tensor, b: &Tensor, real: &[Vec<u8>]) -> f32 {
     worst
 }
 
+/// Euclidean norm of a tensor.
+fn l2(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Largest absolute value of a tensor.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn base_logits_match_transformers() {
     for name in CASES {
@@ -153,25 +175,8 @@ fn peft_adapters_load_and_give_peft_logits_loss_and_gradients() {
                     .get(var.as_tensor())
                     .unwrap_or_else(|| panic!("{name}: no gradient for {module}.{which}"));
                 let r = &c.expected[&format!("grad.{module}.{which}")];
-                let diff = (g - r)
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .sqrt()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let norm = r
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .sqrt()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = l2(&(g - r).unwrap());
+                let norm = l2(r);
                 assert!(
                     norm > 0.0,
                     "{name}: reference gradient of {module}.{which} is zero"
@@ -325,21 +330,8 @@ fn per_layer_recompute_gives_the_plain_graph_gradients() {
         let mut worst = 0f32;
         for (g, v) in grads.iter().zip(&vars) {
             let p = plain.get(v.as_tensor()).unwrap();
-            let diff = (g - p)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = p
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs(&(g - p).unwrap());
+            let scale = max_abs(p);
             worst = worst.max(diff / scale);
         }
         eprintln!(
