@@ -23,7 +23,7 @@ pub use error::{DataError, Result};
 pub use label_mask::{tokenize_conversation, TokenizedConversation};
 pub use manifest::{Manifest, OnBadRow};
 pub use prepare::{prepare, Outcome, PrepareOptions, Progress, Quiet};
-pub use prepared::{trained_segments, Prepared, StoredDocument};
+pub use prepared::{trained_segments, Prepared, StoredDocument, TrainingSequence};
 pub use record::{Message, Role};
 pub use special_tokens::SpecialTokens;
 pub use tokenizer::Tokenizer;

@@ -25,6 +25,15 @@ pub struct StoredDocument {
     pub trainable: Vec<bool>,
 }
 
+/// One training sequence: a conversation, or several packed ones (`doc_lengths` in tokens, in
+/// order, summing to `ids.len()`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainingSequence {
+    pub ids: Vec<u32>,
+    pub trainable: Vec<bool>,
+    pub doc_lengths: Vec<usize>,
+}
+
 impl StoredDocument {
     /// Labels in the Hugging Face convention (-100 = not trained).
     pub fn labels(&self) -> Vec<i64> {
@@ -94,6 +103,45 @@ impl Prepared {
                 };
             docs
         })
+    }
+
+    /// Every training sequence (one conversation, or several packed), in stored order, all in
+    /// memory: about 5 bytes per token.
+    pub fn sequences(&self) -> Result<Vec<TrainingSequence>> {
+        let mut out = Vec::new();
+        for info in &self.manifest.shards {
+            let shard = ShardData::read(&self.dir.join(&info.file))?;
+            let mut doc = 0usize;
+            for s in 0..shard.sequence_count() {
+                let (start, end) = (
+                    shard.sequence_offsets[s] as usize,
+                    shard.sequence_offsets[s + 1] as usize,
+                );
+                let mut doc_lengths = Vec::new();
+                while doc < shard.document_count() && (shard.document_offsets[doc] as usize) < end {
+                    let range = shard.document_range(doc);
+                    doc_lengths.push(range.end.min(end) - range.start.max(start));
+                    doc += 1;
+                }
+                if doc_lengths.iter().sum::<usize>() != end - start {
+                    return Err(DataError::Prepared {
+                        path: self.dir.join(&info.file),
+                        message: format!(
+                            "sequence {s} does not line up with its conversations; prepare again"
+                        ),
+                    });
+                }
+                out.push(TrainingSequence {
+                    ids: shard.input_ids[start..end].to_vec(),
+                    trainable: shard.trainable[start..end]
+                        .iter()
+                        .map(|&t| t != 0)
+                        .collect(),
+                    doc_lengths,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// The tokenizer copied into the folder at prepare time.

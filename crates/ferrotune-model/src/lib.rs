@@ -15,6 +15,7 @@ pub mod peft;
 pub mod phi3;
 pub mod random_weights;
 pub mod rms_norm;
+pub mod rng;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;

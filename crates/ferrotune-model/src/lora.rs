@@ -2,7 +2,11 @@
 //! (Kaiming-uniform, a=√5, i.e. U(±1/√in)), `B` `[out, r]` (zeros), `scale = alpha / r`
 //! (`alpha / √r` with rsLoRA). Only the adapter term is scaled, never the base output.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::rng::SplitMix;
 
 use crate::frozen_linear::FrozenMatmul;
 
@@ -54,6 +58,8 @@ pub struct LoraPair {
     pub b: Var,
     pub scale: f64,
     pub dropout: f64,
+    /// Stream key of this pair's dropout masks (set through `Phi3::set_dropout_key`).
+    pub dropout_key: AtomicU64,
 }
 
 impl LoraPair {
@@ -75,13 +81,14 @@ impl LoraPair {
             b: Var::zeros((out_dim, r), DType::F32, device)?,
             scale: cfg.scale(),
             dropout: cfg.lora_dropout,
+            dropout_key: AtomicU64::new(0),
         })
     }
 
     /// `scale · dropout(x)·Aᵀ·Bᵀ` for `x` `[..., in]`, computed in `x`'s dtype.
     pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = if train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.dropout as f32)?
+            (x * self.dropout_mask(x)?)?
         } else {
             x.clone()
         };
@@ -94,6 +101,20 @@ impl LoraPair {
 }
 
 impl LoraPair {
+    /// Inverted-dropout mask shaped like `x` (0 or `1/(1-p)`), drawn from this pair's key: the
+    /// same key and shape give the same mask on every device.
+    fn dropout_mask(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.dropout as f32;
+        let keep = 1.0 / (1.0 - p);
+        let mut rng = SplitMix(self.dropout_key.load(Ordering::Relaxed));
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.unit() < p { 0.0 } else { keep })
+            .collect();
+        Tensor::from_vec(mask, x.shape(), &Device::Cpu)?
+            .to_dtype(x.dtype())?
+            .to_device(x.device())
+    }
+
     /// `scale · B·A` `[out, in]` in `dtype`: what merging adds to the base weight.
     pub fn delta_weight(&self, dtype: DType) -> Result<Tensor> {
         self.b

@@ -13,8 +13,8 @@ use crate::error::{ModelError, Result};
 use crate::lora::{LoraConfig, LoraPair};
 use crate::phi3::Phi3;
 
-const CONFIG_FILE: &str = "adapter_config.json";
-const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
 
 /// Read `adapter_config.json`; options PEFT supports but ferrotune does not are refused by name.
@@ -159,6 +159,7 @@ pub fn load_adapter(model: &mut Phi3, dir: &Path) -> Result<LoraConfig> {
             b: Var::from_tensor(&b.to_dtype(DType::F32)?.to_device(&device)?)?,
             scale: cfg.scale(),
             dropout: cfg.lora_dropout,
+            dropout_key: Default::default(),
         });
     }
     Ok(cfg)

@@ -134,7 +134,7 @@ impl Phi3 {
 
     /// Attach fresh LoRA pairs (PEFT initialisation) to the targeted linears.
     pub fn add_lora(&mut self, lora: &LoraConfig, seed: u64) -> Result<()> {
-        let mut rng = SplitMix(seed);
+        let mut rng = crate::rng::SplitMix(seed);
         let mut uniform = move || rng.unit();
         for layer in &mut self.layers {
             for (name, linear) in layer.linears_mut() {
@@ -152,6 +152,17 @@ impl Phi3 {
             }
         }
         Ok(())
+    }
+
+    /// Key the LoRA dropout masks of the next training forwards: every pair derives its own
+    /// stream from `key`, and the same key gives the same masks (recompute, resume).
+    pub fn set_dropout_key(&self, key: u64) {
+        for (i, (_, pair)) in self.lora_pairs().into_iter().enumerate() {
+            pair.dropout_key.store(
+                crate::rng::derive(key, i as u64),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
     }
 
     /// Fold every adapter into its base weight (inference and export); reversible.
@@ -272,16 +283,14 @@ impl Phi3 {
     ///
     /// Returns the summed token cross-entropy, the number of trained tokens, and the gradient of
     /// `scale · sum` for each of [`Phi3::trainable_vars`] (same order). Gradients equal the plain
-    /// graph's; `lora_dropout` must be 0 because a re-run would draw new dropout masks.
+    /// graph's; LoRA dropout masks are keyed (see [`Phi3::set_dropout_key`]), so the re-run draws
+    /// the same masks as the first pass.
     pub fn loss_and_grads_recompute(
         &self,
         batch: &Batch,
         labels: &[Vec<i64>],
         scale: f64,
     ) -> Result<(f32, usize, Vec<Tensor>)> {
-        if self.lora_pairs().iter().any(|(_, p)| p.dropout > 0.0) {
-            candle_core::bail!("per-layer recompute needs lora_dropout = 0 (dropout masks would differ on the re-run)");
-        }
         let (cos, sin) = self
             .rope
             .cos_sin(&batch.positions, self.dtype, &self.device)?;
@@ -449,17 +458,4 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     x.unsqueeze(2)?
         .broadcast_as((b, kv, n, t, d))?
         .reshape((b, kv * n, t, d))
-}
-
-/// splitmix64, for reproducible LoRA initialisation without a dependency.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn unit(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
-    }
 }

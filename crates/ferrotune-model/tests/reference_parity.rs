@@ -412,3 +412,57 @@ fn adapters_saved_by_ferrotune_load_in_peft_with_the_same_logits() {
         "{check}"
     );
 }
+
+#[test]
+fn keyed_lora_dropout_is_the_same_in_the_recompute_pass() {
+    let name = "padded";
+    let mut c = load(name);
+    peft::load_adapter(&mut c.model, &case_dir(name).join("adapter")).unwrap();
+    let paths: Vec<String> = c.model.lora_pairs().into_iter().map(|(p, _)| p).collect();
+    let plain_loss = |c: &Case| {
+        let logits = c.model.logits(&c.batch, true).unwrap();
+        causal_lm_loss(&logits, &c.labels).unwrap()
+    };
+    let without = plain_loss(&c).to_scalar::<f32>().unwrap();
+    for p in &paths {
+        c.model
+            .linear_mut(p)
+            .unwrap()
+            .lora
+            .as_mut()
+            .unwrap()
+            .dropout = 0.3;
+    }
+    c.model.set_dropout_key(11);
+    let loss = plain_loss(&c);
+    let with = loss.to_scalar::<f32>().unwrap();
+    assert!((with - without).abs() > 1e-4, "dropout had no effect");
+    assert_eq!(
+        with,
+        plain_loss(&c).to_scalar::<f32>().unwrap(),
+        "same key, same masks"
+    );
+    c.model.set_dropout_key(12);
+    assert_ne!(
+        with,
+        plain_loss(&c).to_scalar::<f32>().unwrap(),
+        "new key, new masks"
+    );
+    c.model.set_dropout_key(11);
+    let plain = loss.backward().unwrap();
+    let tokens = ferrotune_model::loss::causal_lm_loss_sum(
+        &c.model.logits(&c.batch, true).unwrap(),
+        &c.labels,
+    )
+    .unwrap()
+    .tokens;
+    let (sum, _, grads) = c
+        .model
+        .loss_and_grads_recompute(&c.batch, &c.labels, 1.0 / tokens as f64)
+        .unwrap();
+    assert!((sum / tokens as f32 - with).abs() <= 1e-6 * with.abs());
+    for (g, v) in grads.iter().zip(&c.model.trainable_vars()) {
+        let p = plain.get(v.as_tensor()).unwrap();
+        assert!(max_abs(&(g - p).unwrap()) <= 1e-5 * max_abs(p));
+    }
+}

@@ -1,0 +1,649 @@
+//! The training loop, readable top to bottom: for each optimizer step, take the step's
+//! accumulation window from the epoch's seeded order, run forward and backward on each
+//! micro-batch (loss scaled by 1 / the window's trained tokens, so the step's gradient is that
+//! of the token-mean loss over the whole window), unscale and check, clip, AdamW, then log,
+//! evaluate, checkpoint. Everything a step depends on is a function of (seed, step), so a run
+//! resumed from a checkpoint computes exactly what the uninterrupted run would have.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use ferrotune_data::TrainingSequence;
+use ferrotune_model::loss::causal_lm_loss_sum;
+use ferrotune_model::rng::derive;
+use ferrotune_model::{peft, LoraConfig, Phi3};
+use serde::{Deserialize, Serialize};
+
+use crate::batches::{collate, epoch_order, EpochShape, MicroBatch};
+use crate::checkpoint::{self, CheckpointContents, TrainerState};
+use crate::config::{Precision, TrainConfig};
+use crate::error::{Result, TrainError};
+use crate::eval::{evaluate, EvalMetrics};
+use crate::metrics::{EvalRecord, MetricsFile, Record, TrainRecord};
+use crate::optimizer::{clip, global_norm, AdamW, AdamWSettings};
+use crate::schedule::Schedule;
+
+/// The final adapter of a run, in PEFT layout: `output_dir/adapter`.
+pub const ADAPTER_DIR: &str = "adapter";
+/// fp16: steps without overflow before the loss scale doubles (torch's GradScaler default).
+const SCALE_GROWTH_INTERVAL: u64 = 2000;
+
+/// Tokenized data for a run.
+pub struct RunData {
+    pub train: Vec<TrainingSequence>,
+    pub validation: Option<Vec<TrainingSequence>>,
+    pub pad_id: u32,
+}
+
+/// What the caller controls besides the config.
+pub struct RunOptions {
+    /// Set (e.g. by Ctrl-C) to checkpoint after the current step and stop.
+    pub stop: Arc<AtomicBool>,
+    pub resume_from: Option<PathBuf>,
+    /// Written into the adapter's `base_model_name_or_path`.
+    pub base_model: String,
+    /// fp16 only: the starting loss scale (torch's GradScaler starts at 2^16).
+    pub initial_loss_scale: f64,
+}
+
+/// Derived quantities of a run, reported before step 1.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunShape {
+    pub total_steps: u64,
+    pub steps_per_epoch: u64,
+    pub warmup_steps: u64,
+    pub train_sequences: usize,
+    pub validation_sequences: usize,
+    pub trainable_parameters: usize,
+    pub resumed_from: Option<PathBuf>,
+    pub start_step: u64,
+}
+
+/// Something that watches a run (progress bar, MLflow).
+pub trait Observer {
+    fn started(&mut self, _shape: &RunShape) {}
+    /// After every optimizer step.
+    fn step(&mut self, _step: u64, _total: u64, _loss: f64, _lr: f64, _tokens_per_s: f64) {}
+    fn record(&mut self, _record: &Record) {}
+    fn checkpoint(&mut self, _path: &Path) {}
+}
+
+/// A watcher that ignores everything.
+pub struct Silent;
+impl Observer for Silent {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    Completed,
+    EarlyStopped,
+    Interrupted,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub finish: Finish,
+    pub steps: u64,
+    pub total_steps: u64,
+    pub last_checkpoint: PathBuf,
+    /// The final adapter (PEFT layout); absent when interrupted.
+    pub adapter: Option<PathBuf>,
+    pub final_eval: Option<EvalMetrics>,
+    /// Token-mean loss of the last logging window.
+    pub last_train_loss: Option<f64>,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    pub metrics: PathBuf,
+}
+
+/// The model dtype a precision setting means on `device`.
+pub fn dtype_for(precision: Precision, device: &candle_core::Device) -> DType {
+    match precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+        Precision::Fp16 => DType::F16,
+        Precision::Auto if device.is_cuda() => DType::BF16,
+        Precision::Auto => DType::F32,
+    }
+}
+
+/// Names of the trainable tensors, aligned with `Phi3::trainable_vars`.
+fn var_names(model: &Phi3) -> Vec<String> {
+    model
+        .lora_pairs()
+        .into_iter()
+        .flat_map(|(m, _)| [format!("{m}.lora_A"), format!("{m}.lora_B")])
+        .collect()
+}
+
+/// Train `model` (LoRA pairs attached) on `data` as `cfg` says.
+pub fn train(
+    cfg: &TrainConfig,
+    model: &mut Phi3,
+    lora: &LoraConfig,
+    data: &RunData,
+    options: &RunOptions,
+    observer: &mut dyn Observer,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    checkpoint::clean_staging(out);
+    let shape = EpochShape {
+        sequences: data.train.len(),
+        batch_size: cfg.per_device_train_batch_size,
+        accumulation: cfg.gradient_accumulation_steps,
+    };
+    if data.train.is_empty() {
+        return Err(TrainError::config(
+            "train_file_path",
+            "holds no sequence with trained tokens",
+        ));
+    }
+    let steps_per_epoch = shape.steps() as u64;
+    let total_steps = if cfg.max_steps > 0 {
+        cfg.max_steps as u64
+    } else {
+        (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64
+    };
+    let schedule = Schedule {
+        kind: cfg.lr_scheduler_type,
+        base_lr: cfg.learning_rate,
+        warmup_steps: Schedule::warmup_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio),
+        total_steps,
+    };
+    let fp16 = model.dtype() == DType::F16;
+    let hash = cfg.training_hash();
+
+    // Resume: adapter weights first (they replace the variables), then the moments.
+    let mut state = TrainerState {
+        global_step: 0,
+        optimizer_steps: 0,
+        total_steps,
+        epoch: 0.0,
+        tokens_seen: 0,
+        target_tokens_seen: 0,
+        loss_scale: if fp16 {
+            options.initial_loss_scale
+        } else {
+            1.0
+        },
+        scale_good_steps: 0,
+        best_eval_loss: None,
+        best_step: None,
+        evals_without_improvement: 0,
+        eval_loss: None,
+        training_hash: hash.clone(),
+        seed: cfg.seed,
+        elapsed_s: 0.0,
+        ferrotune_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let mut resumed_optimizer = None;
+    if let Some(dir) = &options.resume_from {
+        let saved = checkpoint::read_state(dir)?;
+        if saved.training_hash != hash {
+            return Err(TrainError::Checkpoint {
+                path: dir.clone(),
+                message: format!(
+                    "was written by a run with different training settings (hash {} vs {hash}); resume with the config in its {} or start a new output_dir",
+                    saved.training_hash,
+                    checkpoint::CONFIG_FILE
+                ),
+            });
+        }
+        peft::load_adapter(model, dir)?;
+        resumed_optimizer = Some(checkpoint::read_optimizer(dir)?);
+        state = TrainerState {
+            total_steps,
+            ..saved
+        };
+    }
+    let vars = model.trainable_vars();
+    let names = var_names(model);
+    let mut optimizer = AdamW::new(
+        AdamWSettings {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        },
+        &vars,
+    )?;
+    if let (Some(tensors), Some(dir)) = (&resumed_optimizer, &options.resume_from) {
+        optimizer.load_state(&names, tensors, state.optimizer_steps, dir, model.device())?;
+    }
+    let run_shape = RunShape {
+        total_steps,
+        steps_per_epoch,
+        warmup_steps: schedule.warmup_steps,
+        train_sequences: data.train.len(),
+        validation_sequences: data.validation.as_ref().map_or(0, |v| v.len()),
+        trainable_parameters: vars.iter().map(|v| v.elem_count()).sum(),
+        resumed_from: options.resume_from.clone(),
+        start_step: state.global_step,
+    };
+    observer.started(&run_shape);
+    let mut metrics =
+        MetricsFile::open(out, options.resume_from.as_ref().map(|_| state.global_step))?;
+    let config_yaml = cfg.to_yaml();
+    let elapsed_before = state.elapsed_s;
+    let session_start = Instant::now();
+    let mut last_checkpoint: Option<PathBuf> = options.resume_from.clone();
+    let mut last_train_loss = None;
+    let mut window = LogWindow::new();
+    let mut order_cache: Option<(u64, Vec<usize>)> = None;
+    let mut finish = Finish::Completed;
+    let mut session_tokens = 0u64;
+
+    while state.global_step < total_steps {
+        let k = state.global_step;
+        let epoch = k / steps_per_epoch;
+        if order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            order_cache = Some((
+                epoch,
+                epoch_order(shape.sequences, cfg.shuffle, cfg.seed, epoch),
+            ));
+        }
+        let order = &order_cache.as_ref().expect("set above").1;
+        let micro = shape.window(order, (k % steps_per_epoch) as usize);
+        let seqs: Vec<Vec<&TrainingSequence>> = micro
+            .iter()
+            .map(|idx| idx.iter().map(|&i| &data.train[i]).collect())
+            .collect();
+        let targets: usize = seqs
+            .iter()
+            .flatten()
+            .map(|s| s.trainable.iter().skip(1).filter(|&&t| t).count())
+            .sum();
+        let step_started = Instant::now();
+
+        // Forward and backward over the window.
+        let scale = state.loss_scale / targets.max(1) as f64;
+        let mut loss_sum = 0f64;
+        let mut step_tokens = 0usize;
+        let mut grads: Option<Vec<Tensor>> = None;
+        for (m, group) in seqs.iter().enumerate() {
+            model.set_dropout_key(derive(derive(cfg.seed, k), m as u64));
+            let mb = collate(
+                group,
+                data.pad_id,
+                model.config().sliding_window,
+                model.device(),
+            )?;
+            let (sum, g) = micro_step(model, &mb, scale, cfg.gradient_checkpointing, &vars)?;
+            loss_sum += f64::from(sum);
+            step_tokens += mb.tokens;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            });
+        }
+        let mut grads = grads.expect("a window holds at least one micro-batch");
+        if state.loss_scale != 1.0 {
+            let inv = 1.0 / state.loss_scale;
+            grads = grads
+                .iter()
+                .map(|g| g.affine(inv, 0.0))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+        }
+        let loss = loss_sum / targets.max(1) as f64;
+        let norm = global_norm(&grads)?;
+        state.global_step += 1;
+        state.epoch = state.global_step as f64 / steps_per_epoch as f64;
+        state.tokens_seen += step_tokens as u64;
+        state.target_tokens_seen += targets as u64;
+        session_tokens += step_tokens as u64;
+
+        let finite = loss.is_finite() && norm.is_finite();
+        let mut lr = schedule.lr(state.optimizer_steps);
+        if !finite && fp16 {
+            // Overflow in half precision: skip the update, halve the scale (GradScaler).
+            state.loss_scale *= 0.5;
+            state.scale_good_steps = 0;
+            window.skipped += 1;
+            tracing::warn!(
+                "step {}: fp16 overflow, update skipped, loss scale now {}",
+                state.global_step,
+                state.loss_scale
+            );
+            if state.loss_scale < 1e-8 {
+                return Err(non_finite(
+                    &state,
+                    "fp16 loss scale",
+                    state.loss_scale,
+                    &last_checkpoint,
+                ));
+            }
+        } else if !finite {
+            let (what, value) = if loss.is_finite() {
+                ("gradient norm", norm)
+            } else {
+                ("loss", loss)
+            };
+            state.global_step -= 1;
+            return Err(non_finite(&state, what, value, &last_checkpoint));
+        } else {
+            if cfg.max_grad_norm > 0.0 {
+                clip(&mut grads, norm, cfg.max_grad_norm)?;
+            }
+            optimizer.update(&vars, &grads, lr)?;
+            state.optimizer_steps += 1;
+            if fp16 {
+                state.scale_good_steps += 1;
+                if state.scale_good_steps == SCALE_GROWTH_INTERVAL {
+                    state.loss_scale *= 2.0;
+                    state.scale_good_steps = 0;
+                }
+            }
+        }
+        if !finite {
+            lr = 0.0;
+        }
+        let step_s = step_started.elapsed().as_secs_f64();
+        window.add(loss_sum, targets, step_tokens, step_s, finite);
+        let tokens_per_s = step_tokens as f64 / step_s.max(1e-9);
+        observer.step(
+            state.global_step,
+            total_steps,
+            if finite { loss } else { f64::NAN },
+            lr,
+            tokens_per_s,
+        );
+
+        let step = state.global_step;
+        let last = step == total_steps;
+        let elapsed = elapsed_before + session_start.elapsed().as_secs_f64();
+        if step.is_multiple_of(cfg.logging_steps) || last {
+            if let Some(rec) = window.record(&state, lr, norm, elapsed, fp16) {
+                last_train_loss = Some(rec.loss);
+                let rec = Record::Train(rec);
+                metrics.append(&rec)?;
+                observer.record(&rec);
+            }
+            window = LogWindow::new();
+        }
+        state.eval_loss = None;
+        let mut stop_early = false;
+        if let Some(val) = &data.validation {
+            let due = cfg.eval_steps.is_some_and(|n| step.is_multiple_of(n));
+            if due || last {
+                let rec = run_eval(model, val, cfg, &state)?;
+                state.eval_loss = Some(rec.eval_loss);
+                if state.best_eval_loss.is_none_or(|b| rec.eval_loss < b) {
+                    state.best_eval_loss = Some(rec.eval_loss);
+                    state.best_step = Some(step);
+                    state.evals_without_improvement = 0;
+                } else {
+                    state.evals_without_improvement += 1;
+                    if cfg
+                        .early_stopping_patience
+                        .is_some_and(|p| state.evals_without_improvement >= p)
+                    {
+                        stop_early = !last;
+                    }
+                }
+                let rec = Record::Eval(rec);
+                metrics.append(&rec)?;
+                observer.record(&rec);
+            }
+        }
+        let interrupted = options.stop.load(Ordering::SeqCst);
+        if step.is_multiple_of(cfg.save_steps) || last || stop_early || interrupted {
+            state.elapsed_s = elapsed;
+            let path = save_checkpoint(
+                cfg,
+                model,
+                lora,
+                options,
+                &optimizer,
+                &names,
+                &state,
+                &config_yaml,
+            )?;
+            observer.checkpoint(&path);
+            last_checkpoint = Some(path);
+            if cfg.save_total_limit > 0 {
+                for gone in checkpoint::prune(out, cfg.save_total_limit as usize, state.best_step)?
+                {
+                    tracing::debug!(
+                        "removed {} (save_total_limit {})",
+                        gone.display(),
+                        cfg.save_total_limit
+                    );
+                }
+            }
+        }
+        if interrupted && !last {
+            finish = Finish::Interrupted;
+            break;
+        }
+        if stop_early {
+            tracing::info!(
+                "early stopping at step {step}: eval loss has not improved for {} evaluations (best {:.4} at step {})",
+                state.evals_without_improvement,
+                state.best_eval_loss.unwrap_or(f64::NAN),
+                state.best_step.unwrap_or(0)
+            );
+            finish = Finish::EarlyStopped;
+            break;
+        }
+    }
+
+    let last_checkpoint = match last_checkpoint {
+        Some(p) => p,
+        None => {
+            // Resumed from the final checkpoint: nothing left to do but report it.
+            checkpoint::list(out)
+                .pop()
+                .map(|(_, p)| p)
+                .ok_or_else(|| TrainError::config("output_dir", "no checkpoint was written"))?
+        }
+    };
+    let adapter = if finish == Finish::Interrupted {
+        None
+    } else {
+        Some(publish_adapter(out, &last_checkpoint)?)
+    };
+    let final_eval = crate::metrics::read(metrics.path())?
+        .into_iter()
+        .rev()
+        .find_map(|r| match r {
+            Record::Eval(e) => Some(EvalMetrics {
+                loss: e.eval_loss,
+                perplexity: e.eval_perplexity,
+                accuracy: e.eval_accuracy,
+                tokens: e.eval_tokens,
+                sequences: data.validation.as_ref().map_or(0, |v| v.len()),
+            }),
+            _ => None,
+        });
+    let session_s = session_start.elapsed().as_secs_f64();
+    tracing::debug!("trained in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(Summary {
+        finish,
+        steps: state.global_step,
+        total_steps,
+        last_checkpoint,
+        adapter,
+        final_eval,
+        last_train_loss,
+        tokens_per_s: session_tokens as f64 / session_s.max(1e-9),
+        elapsed_s: elapsed_before + session_s,
+        metrics: metrics.path().to_path_buf(),
+    })
+}
+
+/// Forward and backward of one micro-batch: the summed token loss (unscaled) and the
+/// gradients of `scale · sum` for `vars`.
+fn micro_step(
+    model: &Phi3,
+    mb: &MicroBatch,
+    scale: f64,
+    recompute: bool,
+    vars: &[candle_core::Var],
+) -> Result<(f32, Vec<Tensor>)> {
+    if recompute {
+        let (sum, _, grads) = model.loss_and_grads_recompute(&mb.batch, &mb.labels, scale)?;
+        return Ok((sum, grads));
+    }
+    let logits = model.logits(&mb.batch, true)?;
+    let loss = causal_lm_loss_sum(&logits, &mb.labels)?;
+    let sum = loss.sum.to_scalar::<f32>()?;
+    let store = loss.sum.affine(scale, 0.0)?.backward()?;
+    let grads = vars
+        .iter()
+        .map(|v| match store.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => v.as_tensor().zeros_like(),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((sum, grads))
+}
+
+fn run_eval(
+    model: &Phi3,
+    val: &[TrainingSequence],
+    cfg: &TrainConfig,
+    state: &TrainerState,
+) -> Result<EvalRecord> {
+    let t = Instant::now();
+    let m = evaluate(model, val, cfg.per_device_eval_batch_size, 0)?;
+    Ok(EvalRecord {
+        step: state.global_step,
+        epoch: state.epoch,
+        eval_loss: m.loss,
+        eval_perplexity: m.perplexity,
+        eval_accuracy: m.accuracy,
+        eval_tokens: m.tokens,
+        eval_s: t.elapsed().as_secs_f64(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    cfg: &TrainConfig,
+    model: &Phi3,
+    lora: &LoraConfig,
+    options: &RunOptions,
+    optimizer: &AdamW,
+    names: &[String],
+    state: &TrainerState,
+    config_yaml: &str,
+) -> Result<PathBuf> {
+    let write_adapter = |dir: &Path| -> Result<()> {
+        peft::save_adapter(model, lora, &options.base_model, dir)?;
+        Ok(())
+    };
+    checkpoint::save(
+        &cfg.output_dir,
+        CheckpointContents {
+            state,
+            optimizer: optimizer.state_tensors(names)?,
+            config_yaml,
+            write_adapter: &write_adapter,
+        },
+    )
+}
+
+/// Copy the final checkpoint's adapter to `output_dir/adapter` (replaced atomically).
+fn publish_adapter(out: &Path, checkpoint: &Path) -> Result<PathBuf> {
+    let target = out.join(ADAPTER_DIR);
+    let staging = out.join(format!(".{ADAPTER_DIR}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| TrainError::io(&staging, e))?;
+    for name in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
+        std::fs::copy(checkpoint.join(name), staging.join(name))
+            .map_err(|e| TrainError::io(checkpoint.join(name), e))?;
+    }
+    if target.exists() {
+        std::fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
+    }
+    std::fs::rename(&staging, &target).map_err(|e| TrainError::io(&target, e))?;
+    Ok(target)
+}
+
+fn non_finite(
+    state: &TrainerState,
+    what: &'static str,
+    value: f64,
+    last: &Option<PathBuf>,
+) -> TrainError {
+    TrainError::NonFinite {
+        step: state.global_step + 1,
+        what,
+        value,
+        last_good: match last {
+            Some(p) => format!("the last good checkpoint is {}", p.display()),
+            None => "no checkpoint was written yet".into(),
+        },
+    }
+}
+
+/// Sums over the steps of one logging window.
+struct LogWindow {
+    loss_sum: f64,
+    targets: usize,
+    tokens: usize,
+    seconds: f64,
+    steps: u64,
+    skipped: u64,
+}
+
+impl LogWindow {
+    fn new() -> LogWindow {
+        LogWindow {
+            loss_sum: 0.0,
+            targets: 0,
+            tokens: 0,
+            seconds: 0.0,
+            steps: 0,
+            skipped: 0,
+        }
+    }
+
+    fn add(&mut self, loss_sum: f64, targets: usize, tokens: usize, seconds: f64, finite: bool) {
+        if finite {
+            self.loss_sum += loss_sum;
+            self.targets += targets;
+        }
+        self.tokens += tokens;
+        self.seconds += seconds;
+        self.steps += 1;
+    }
+
+    fn record(
+        &self,
+        state: &TrainerState,
+        lr: f64,
+        norm: f64,
+        elapsed: f64,
+        fp16: bool,
+    ) -> Option<TrainRecord> {
+        if self.steps == 0 {
+            return None;
+        }
+        Some(TrainRecord {
+            step: state.global_step,
+            epoch: state.epoch,
+            loss: if self.targets == 0 {
+                f64::NAN
+            } else {
+                self.loss_sum / self.targets as f64
+            },
+            learning_rate: lr,
+            grad_norm: norm,
+            tokens_per_s: self.tokens as f64 / self.seconds.max(1e-9),
+            tokens_seen: state.tokens_seen,
+            elapsed_s: elapsed,
+            loss_scale: fp16.then_some(state.loss_scale),
+            skipped_steps: self.skipped,
+        })
+    }
+}

@@ -1,0 +1,108 @@
+//! The trainer against transformers' Trainer + PEFT (`scripts/make_train_reference.py`): same
+//! model, initial adapter, data order and arguments; every step's loss, gradient norm and
+//! learning rate, and the final adapter, must match.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use ferrotune_train::metrics::{read, Record};
+use ferrotune_train::trainer::Silent;
+
+#[test]
+fn ten_steps_match_transformers_trainer_with_peft() {
+    let out = tempfile::tempdir().unwrap();
+    let cfg = reference_config(out.path(), &[]);
+    let (mut model, lora) = model_with_adapter(DType::F32);
+    let data = reference_data();
+    let summary =
+        ferrotune_train::train(&cfg, &mut model, &lora, &data, &options(None), &mut Silent)
+            .unwrap();
+    assert_eq!(summary.steps, 10);
+
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(reference_dir().join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    let steps = expected["steps"].as_array().unwrap();
+    let records: Vec<_> = read(&summary.metrics)
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Train(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(records.len(), steps.len());
+    for (got, want) in records.iter().zip(steps) {
+        let k = got.step;
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+        let (loss, norm, lr) = (
+            want["loss"].as_f64().unwrap(),
+            want["grad_norm"].as_f64().unwrap(),
+            want["lr"].as_f64().unwrap(),
+        );
+        eprintln!(
+            "step {k}: loss {:.7} vs {loss:.7} (rel {:.1e}), grad norm {:.6} vs {norm:.6} (rel {:.1e}), lr {:.3e} vs {lr:.3e}",
+            got.loss,
+            rel(got.loss, loss),
+            got.grad_norm,
+            rel(got.grad_norm, norm),
+            got.learning_rate
+        );
+        assert!(
+            rel(got.loss, loss) <= 1e-4,
+            "step {k}: loss {} vs {loss}",
+            got.loss
+        );
+        assert!(
+            rel(got.grad_norm, norm) <= 1e-3,
+            "step {k}: grad norm {} vs {norm}",
+            got.grad_norm
+        );
+        assert!(
+            (got.learning_rate - lr).abs() <= 1e-12,
+            "step {k}: lr {} vs {lr}",
+            got.learning_rate
+        );
+    }
+
+    // The final adapter, tensor by tensor, relative to each tensor's largest value.
+    let ours = candle_core::safetensors::load(
+        summary.adapter.unwrap().join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let theirs = candle_core::safetensors::load(
+        reference_dir().join("final_adapter/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    let mut worst = 0f32;
+    for (name, want) in &theirs {
+        let key = name.replace(".default", "");
+        let got = ours
+            .get(&key)
+            .or_else(|| ours.get(name))
+            .unwrap_or_else(|| panic!("{name} missing"));
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(diff / scale);
+    }
+    eprintln!("final adapter: worst relative difference {worst:.2e}");
+    assert!(worst <= 1e-3, "final adapter differs by {worst:e}");
+}
