@@ -154,6 +154,17 @@ impl Phi3 {
         Ok(())
     }
 
+    /// Set the dropout probability of every LoRA pair (training-time only).
+    pub fn set_lora_dropout(&mut self, p: f64) {
+        for layer in &mut self.layers {
+            for (_, linear) in layer.linears_mut() {
+                if let Some(pair) = linear.lora.as_mut() {
+                    pair.dropout = p;
+                }
+            }
+        }
+    }
+
     /// Key the LoRA dropout masks of the next training forwards: every pair derives its own
     /// stream from `key`, and the same key gives the same masks (recompute, resume).
     pub fn set_dropout_key(&self, key: u64) {

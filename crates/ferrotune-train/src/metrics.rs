@@ -16,10 +16,12 @@ pub struct TrainRecord {
     pub step: u64,
     pub epoch: f64,
     /// Mean cross-entropy per trained token over the window.
+    #[serde(with = "finite_or_null")]
     pub loss: f64,
     /// Learning rate of the window's last update.
     pub learning_rate: f64,
-    /// Global gradient norm of the last step, before clipping.
+    /// Global gradient norm of the last step, before clipping (null when not finite).
+    #[serde(with = "finite_or_null")]
     pub grad_norm: f64,
     /// Tokens (real, not padding) processed per second over the window.
     pub tokens_per_s: f64,
@@ -32,6 +34,23 @@ pub struct TrainRecord {
     pub skipped_steps: u64,
 }
 
+/// JSON has no NaN or infinity: such values are written as `null` and read back as NaN.
+mod finite_or_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
@@ -40,7 +59,9 @@ fn is_zero(v: &u64) -> bool {
 pub struct EvalRecord {
     pub step: u64,
     pub epoch: f64,
+    #[serde(with = "finite_or_null")]
     pub eval_loss: f64,
+    #[serde(with = "finite_or_null")]
     pub eval_perplexity: f64,
     pub eval_accuracy: f64,
     pub eval_tokens: usize,

@@ -195,6 +195,8 @@ pub fn train(
             });
         }
         peft::load_adapter(model, dir)?;
+        // The checkpoint holds weights; the run's own settings decide dropout.
+        model.set_lora_dropout(lora.lora_dropout);
         resumed_optimizer = Some(checkpoint::read_optimizer(dir)?);
         state = TrainerState {
             total_steps,
