@@ -34,7 +34,7 @@ pub enum Command {
     #[command(subcommand)]
     Data(DataCommand),
     /// Train LoRA adapters (single process or one rank of many).
-    Train(Unbuilt),
+    Train(TrainArgs),
     /// Loss and perplexity of a model on prepared data.
     Eval(EvalArgs),
     /// Generate text from a model, with or without an adapter.
@@ -61,6 +61,23 @@ pub enum Command {
 pub struct Unbuilt {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     pub args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training config (YAML) with the source document's parameter names; see the README.
+    #[arg(long, env = "FERROTUNE_CONFIG")]
+    pub config: PathBuf,
+    /// Override one config key (repeatable): --set learning_rate=1e-4 --set max_steps=50.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue from a checkpoint folder, a training output folder (its newest checkpoint),
+    /// or `auto` (the newest checkpoint in output_dir, else a fresh start).
+    #[arg(long, env = "FERROTUNE_RESUME", value_name = "DIR|auto")]
+    pub resume: Option<String>,
+    /// Print the resolved config and the memory plan, then stop (nothing is loaded).
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]

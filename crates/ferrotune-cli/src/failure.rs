@@ -12,6 +12,8 @@ pub struct Failure {
 impl Failure {
     pub const RUNTIME: i32 = 1;
     pub const USAGE: i32 = 2;
+    /// Stopped by Ctrl-C after writing a checkpoint (128 + SIGINT, as shells report it).
+    pub const INTERRUPTED: i32 = 130;
 
     pub fn usage(message: impl Into<String>) -> Failure {
         Failure {
@@ -57,6 +59,19 @@ impl From<candle_core::Error> for Failure {
 
 impl From<DataError> for Failure {
     fn from(e: DataError) -> Failure {
+        Failure {
+            code: if e.is_usage() {
+                Self::USAGE
+            } else {
+                Self::RUNTIME
+            },
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<ferrotune_train::TrainError> for Failure {
+    fn from(e: ferrotune_train::TrainError) -> Failure {
         Failure {
             code: if e.is_usage() {
                 Self::USAGE

@@ -37,7 +37,7 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Data(args)) => commands::bench_data::run(args, json),
         Command::Bench(BenchCommand::Train(args)) => commands::bench_train::run(args, json),
         Command::Bench(BenchCommand::Decode(_)) => Err(Failure::not_yet("bench decode", "[serve]")),
-        Command::Train(_) => Err(Failure::not_yet("train", "[train]")),
+        Command::Train(args) => commands::train::run(args, json),
         Command::Eval(args) => commands::eval::run(args, json),
         Command::Generate(args) => commands::generate::run(args, json),
         Command::Plan(_) => Err(Failure::not_yet("plan", "[train]")),

@@ -11,7 +11,9 @@ pub mod eval;
 mod flex;
 pub mod metrics;
 pub mod optimizer;
+pub mod plot;
 pub mod schedule;
+pub mod setup;
 pub mod trainer;
 
 pub use config::{Precision, SchedulerKind, TrainConfig};

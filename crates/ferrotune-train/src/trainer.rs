@@ -453,7 +453,12 @@ pub fn train(
     } else {
         Some(publish_adapter(out, &last_checkpoint)?)
     };
-    let final_eval = crate::metrics::read(metrics.path())?
+    let records = crate::metrics::read(metrics.path())?;
+    let plot = out.join(crate::plot::PLOT_FILE);
+    if let Err(e) = crate::plot::write(&records, &cfg.display_name(), &plot) {
+        tracing::warn!("could not draw the loss plot: {e}");
+    }
+    let final_eval = records
         .into_iter()
         .rev()
         .find_map(|r| match r {

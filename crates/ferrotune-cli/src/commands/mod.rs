@@ -5,3 +5,4 @@ pub mod eval;
 pub mod generate;
 pub mod model_args;
 pub mod run;
+pub mod train;

@@ -1,0 +1,226 @@
+//! `ferrotune train`: config → data (through the cache) → model + LoRA → the loop, with a
+//! progress bar, Ctrl-C to checkpoint and stop (exit 130), and a summary at the end.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ferrotune_model::loaded::load_model;
+use ferrotune_model::weights::resolve_model;
+use ferrotune_model::Phi3Config;
+use ferrotune_train::checkpoint;
+use ferrotune_train::setup::{attach_lora, load_split, max_seq_length};
+use ferrotune_train::trainer::{dtype_for, Observer};
+use ferrotune_train::{Finish, RunData, RunOptions, Summary, TrainConfig};
+use serde_json::json;
+
+use crate::cli::TrainArgs;
+use crate::commands::model_args;
+use crate::failure::Failure;
+use crate::progress::{RowBar, TrainBar};
+
+pub fn run(args: &TrainArgs, json_out: bool) -> Result<(), Failure> {
+    let cfg = TrainConfig::load(&args.config, &args.sets)?;
+    if args.dry_run {
+        return dry_run(&cfg, json_out);
+    }
+    let summary = train(&cfg, args.resume.as_deref(), !json_out, &mut Vec::new())?;
+    report(&cfg, &summary, json_out);
+    if summary.finish == Finish::Interrupted {
+        return Err(Failure {
+            code: Failure::INTERRUPTED,
+            message: format!(
+                "interrupted at step {}; checkpoint {} (continue with --resume auto)",
+                summary.steps,
+                summary.last_checkpoint.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn dry_run(cfg: &TrainConfig, json_out: bool) -> Result<(), Failure> {
+    let model_dir = resolve_model(&cfg.model)?;
+    let model_cfg = Phi3Config::from_dir(&model_dir)?;
+    let seq = max_seq_length(cfg, &model_cfg)?;
+    if json_out {
+        println!(
+            "{}",
+            json!({"config": cfg, "display_name": cfg.display_name(), "max_seq_length": seq, "training_hash": cfg.training_hash()})
+        );
+    } else {
+        println!("# resolved config ({})", cfg.display_name());
+        print!("{}", cfg.to_yaml());
+        println!("# sequences of at most {seq} tokens; training hash {}", cfg.training_hash());
+    }
+    Ok(())
+}
+
+/// Run training as `cfg` says; `extra` observers see the run too (MLflow, the pipeline).
+pub fn train(
+    cfg: &TrainConfig,
+    resume: Option<&str>,
+    show_progress: bool,
+    extra: &mut Vec<Box<dyn Observer>>,
+) -> Result<Summary, Failure> {
+    let device = model_args::device(match cfg.device.as_str() {
+        "auto" => None,
+        d => Some(d),
+    })?;
+    let dtype = dtype_for(cfg.precision, &device);
+    let model_dir = resolve_model(&cfg.model)?;
+    let model_cfg = Phi3Config::from_dir(&model_dir)?;
+    let seq = max_seq_length(cfg, &model_cfg)?;
+    let tokenizer = cfg.tokenizer.clone().unwrap_or_else(|| model_dir.clone());
+    let resume_from = match resume {
+        Some(spec) => checkpoint::resolve_resume(spec, &cfg.output_dir)?,
+        None => None,
+    };
+    if resume.is_none() && !checkpoint::list(&cfg.output_dir).is_empty() {
+        return Err(Failure::usage(format!(
+            "output_dir {} already holds checkpoints; continue with --resume auto, or choose another output_dir",
+            cfg.output_dir.display()
+        )));
+    }
+
+    let rows = RowBar::new(show_progress);
+    let data_dir = cfg.output_dir.join("data");
+    let vocab = model_cfg.vocab_size;
+    let train = load_split(
+        "train_file_path",
+        &cfg.train_file_path,
+        &cfg.train_split,
+        &tokenizer,
+        &data_dir.join("train"),
+        seq,
+        cfg.pack,
+        vocab,
+        &rows,
+    )?;
+    let validation = match &cfg.validation_file_path {
+        Some(path) => Some(load_split(
+            "validation_file_path",
+            path,
+            &cfg.validation_split,
+            &tokenizer,
+            &data_dir.join("validation"),
+            seq,
+            cfg.pack,
+            vocab,
+            &rows,
+        )?),
+        None => None,
+    };
+    rows.finish();
+
+    let loaded_at = std::time::Instant::now();
+    let mut model = load_model(model_dir.to_str().unwrap_or(&cfg.model), dtype, &device)?.model;
+    let lora = attach_lora(&mut model, cfg)?;
+    tracing::info!(
+        "model {} ({:?} on {}) loaded in {:.1} s; LoRA r={} alpha={} on {}",
+        model_dir.display(),
+        dtype,
+        if device.is_cpu() { "cpu".to_string() } else { format!("{device:?}") },
+        loaded_at.elapsed().as_secs_f64(),
+        lora.r,
+        lora.lora_alpha,
+        lora.target_modules.join(",")
+    );
+    let pad_id = model_cfg
+        .pad_token_id
+        .filter(|&p| (p as usize) < vocab)
+        .unwrap_or(0);
+    let data = RunData {
+        train: train.sequences,
+        validation: validation.map(|v| v.sequences),
+        pad_id,
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // A second Ctrl-C while the checkpoint is being written kills the process as usual.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(Failure::INTERRUPTED);
+        }
+        eprintln!("\ninterrupt: finishing this step, writing a checkpoint (Ctrl-C again to abort)");
+    });
+    let options = RunOptions {
+        stop,
+        resume_from,
+        base_model: cfg.model.clone(),
+        initial_loss_scale: 65536.0,
+    };
+    let mut bar = TrainBar::new(show_progress);
+    let summary = {
+        let mut fan = Fan {
+            first: &mut bar,
+            rest: extra,
+        };
+        ferrotune_train::train(cfg, &mut model, &lora, &data, &options, &mut fan)
+    };
+    bar.finish();
+    Ok(summary?)
+}
+
+/// Forwards every event to several observers.
+struct Fan<'a> {
+    first: &'a mut dyn Observer,
+    rest: &'a mut Vec<Box<dyn Observer>>,
+}
+
+impl Observer for Fan<'_> {
+    fn started(&mut self, shape: &ferrotune_train::RunShape) {
+        self.first.started(shape);
+        self.rest.iter_mut().for_each(|o| o.started(shape));
+    }
+    fn step(&mut self, step: u64, total: u64, loss: f64, lr: f64, tps: f64) {
+        self.first.step(step, total, loss, lr, tps);
+        self.rest.iter_mut().for_each(|o| o.step(step, total, loss, lr, tps));
+    }
+    fn record(&mut self, record: &ferrotune_train::metrics::Record) {
+        self.first.record(record);
+        self.rest.iter_mut().for_each(|o| o.record(record));
+    }
+    fn checkpoint(&mut self, path: &std::path::Path) {
+        self.first.checkpoint(path);
+        self.rest.iter_mut().for_each(|o| o.checkpoint(path));
+    }
+}
+
+/// The end-of-run summary (text or JSON on stdout).
+pub fn report(cfg: &TrainConfig, s: &Summary, json_out: bool) {
+    if json_out {
+        println!("{}", json!({"summary": s, "output_dir": cfg.output_dir}));
+        return;
+    }
+    let finish = match s.finish {
+        Finish::Completed => "completed",
+        Finish::EarlyStopped => "stopped early",
+        Finish::Interrupted => "interrupted",
+    };
+    println!(
+        "training {finish}: {}/{} steps in {:.1} s ({:.0} tokens/s)",
+        s.steps, s.total_steps, s.elapsed_s, s.tokens_per_s
+    );
+    if let Some(l) = s.last_train_loss {
+        println!("  train loss  {l:.4}");
+    }
+    if let Some(e) = &s.final_eval {
+        println!(
+            "  eval loss   {:.4}  perplexity {:.3}  token accuracy {:.1}%",
+            e.loss,
+            e.perplexity,
+            100.0 * e.accuracy
+        );
+    }
+    println!("  checkpoint  {}", s.last_checkpoint.display());
+    if let Some(a) = &s.adapter {
+        println!("  adapter     {}", a.display());
+    }
+    println!("  metrics     {}", s.metrics.display());
+    let plot: PathBuf = cfg.output_dir.join(ferrotune_train::plot::PLOT_FILE);
+    if plot.exists() {
+        println!("  loss plot   {}", plot.display());
+    }
+}
