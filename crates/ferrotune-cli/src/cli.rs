@@ -39,8 +39,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Generate text from a model, with or without an adapter.
     Generate(GenerateArgs),
-    /// Memory and step-time estimate for a training config.
-    Plan(Unbuilt),
+    /// Memory estimate for a training config: fits / does not fit on a GPU or Azure VM size.
+    Plan(PlanArgs),
     /// Export a checkpoint as an MLflow model folder.
     Export(Unbuilt),
     /// The local model registry.
@@ -78,6 +78,22 @@ pub struct TrainArgs {
     /// Print the resolved config and the memory plan, then stop (nothing is loaded).
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// Training config (YAML), as for `ferrotune train`.
+    #[arg(long, env = "FERROTUNE_CONFIG")]
+    pub config: PathBuf,
+    /// Override one config key (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// A GPU: H100-80GB, H100-94GB, H200, A100-40GB, A100-80GB, A10, V100-16GB, V100-32GB, ...
+    #[arg(long, conflicts_with = "sku")]
+    pub gpu: Option<String>,
+    /// An Azure VM size: Standard_NC24ads_A100_v4, Standard_NC6s_v3, Standard_ND96isr_H100_v5, ...
+    #[arg(long)]
+    pub sku: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -40,7 +40,7 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Train(args) => commands::train::run(args, json),
         Command::Eval(args) => commands::eval::run(args, json),
         Command::Generate(args) => commands::generate::run(args, json),
-        Command::Plan(_) => Err(Failure::not_yet("plan", "[train]")),
+        Command::Plan(args) => commands::plan::run(args, json),
         Command::Export(_) => Err(Failure::not_yet("export", "[export]")),
         Command::Models(_) => Err(Failure::not_yet("models", "[export]")),
         Command::Serve(_) => Err(Failure::not_yet("serve", "[serve]")),

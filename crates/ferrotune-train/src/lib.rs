@@ -11,6 +11,7 @@ pub mod eval;
 mod flex;
 pub mod metrics;
 pub mod optimizer;
+pub mod plan;
 pub mod plot;
 pub mod schedule;
 pub mod setup;

@@ -75,10 +75,19 @@ pub fn write(records: &[Record], title: &str, path: &Path) -> Result<()> {
 
 type Series<'a> = (&'a str, &'a str, &'a Vec<(f64, f64)>);
 
-fn panel(svg: &mut String, top: f64, label: &str, max_step: f64, values: &[f64], series: &[Series]) {
+fn panel(
+    svg: &mut String,
+    top: f64,
+    label: &str,
+    max_step: f64,
+    values: &[f64],
+    series: &[Series],
+) {
     let (mut lo, mut hi) = values
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
     if !lo.is_finite() {
         (lo, hi) = (0.0, 1.0);
     }
@@ -116,12 +125,21 @@ fn panel(svg: &mut String, top: f64, label: &str, max_step: f64, values: &[f64],
             s.round()
         );
     }
-    let _ = writeln!(svg, r#"<text x="{}" y="{}">{}</text>"#, LEFT + 6.0, top + 14.0, escape(label));
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}">{}</text>"#,
+        LEFT + 6.0,
+        top + 14.0,
+        escape(label)
+    );
     for (i, (name, color, points)) in series.iter().enumerate() {
         if points.is_empty() {
             continue;
         }
-        let path: Vec<String> = points.iter().map(|&(s, v)| format!("{:.1},{:.1}", x(s), y(v))).collect();
+        let path: Vec<String> = points
+            .iter()
+            .map(|&(s, v)| format!("{:.1},{:.1}", x(s), y(v)))
+            .collect();
         let _ = writeln!(
             svg,
             r#"<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{}"/>"#,
@@ -129,7 +147,12 @@ fn panel(svg: &mut String, top: f64, label: &str, max_step: f64, values: &[f64],
         );
         if points.len() <= 60 {
             for &(s, v) in points.iter() {
-                let _ = writeln!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="2.2" fill="{color}"/>"#, x(s), y(v));
+                let _ = writeln!(
+                    svg,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="2.2" fill="{color}"/>"#,
+                    x(s),
+                    y(v)
+                );
             }
         }
         let lx = W - RIGHT - 90.0;
@@ -156,7 +179,9 @@ fn tick(v: f64) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]

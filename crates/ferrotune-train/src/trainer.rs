@@ -458,19 +458,16 @@ pub fn train(
     if let Err(e) = crate::plot::write(&records, &cfg.display_name(), &plot) {
         tracing::warn!("could not draw the loss plot: {e}");
     }
-    let final_eval = records
-        .into_iter()
-        .rev()
-        .find_map(|r| match r {
-            Record::Eval(e) => Some(EvalMetrics {
-                loss: e.eval_loss,
-                perplexity: e.eval_perplexity,
-                accuracy: e.eval_accuracy,
-                tokens: e.eval_tokens,
-                sequences: data.validation.as_ref().map_or(0, |v| v.len()),
-            }),
-            _ => None,
-        });
+    let final_eval = records.into_iter().rev().find_map(|r| match r {
+        Record::Eval(e) => Some(EvalMetrics {
+            loss: e.eval_loss,
+            perplexity: e.eval_perplexity,
+            accuracy: e.eval_accuracy,
+            tokens: e.eval_tokens,
+            sequences: data.validation.as_ref().map_or(0, |v| v.len()),
+        }),
+        _ => None,
+    });
     let session_s = session_start.elapsed().as_secs_f64();
     tracing::debug!("trained in {:.1} s", started.elapsed().as_secs_f64());
     Ok(Summary {

@@ -48,7 +48,11 @@ impl Observer for StopAt {
 // Shuffled order and LoRA dropout: the resumed run must redraw both exactly.
 const RESUME_SETS: &[&str] = &["shuffle=true", "save_steps=4", "seed=7"];
 
-fn run(out: &Path, resume: Option<std::path::PathBuf>, stop_at: Option<u64>) -> ferrotune_train::Summary {
+fn run(
+    out: &Path,
+    resume: Option<std::path::PathBuf>,
+    stop_at: Option<u64>,
+) -> ferrotune_train::Summary {
     let cfg = reference_config(out, RESUME_SETS);
     let (mut model, mut lora) = model_with_adapter(DType::F32);
     lora.lora_dropout = 0.1;
@@ -92,11 +96,24 @@ fn interrupted_and_killed_runs_resume_to_the_same_bits() {
         assert_eq!(records.len(), want.len(), "{name}: one record per step");
         for (r, w) in records.iter().zip(&want) {
             assert_eq!(r.step, w.step);
-            assert_eq!(r.loss.to_bits(), w.loss.to_bits(), "{name}: step {} loss", r.step);
-            assert_eq!(r.grad_norm.to_bits(), w.grad_norm.to_bits(), "{name}: step {} norm", r.step);
+            assert_eq!(
+                r.loss.to_bits(),
+                w.loss.to_bits(),
+                "{name}: step {} loss",
+                r.step
+            );
+            assert_eq!(
+                r.grad_norm.to_bits(),
+                w.grad_norm.to_bits(),
+                "{name}: step {} norm",
+                r.step
+            );
             assert_eq!(r.learning_rate, w.learning_rate);
         }
-        assert!(adapter(got.adapter.as_ref().unwrap()) == want_adapter, "{name}: final adapter differs");
+        assert!(
+            adapter(got.adapter.as_ref().unwrap()) == want_adapter,
+            "{name}: final adapter differs"
+        );
     }
 }
 
@@ -116,7 +133,10 @@ fn save_total_limit_keeps_the_newest_and_the_best() {
     let left: Vec<u64> = list(out.path()).into_iter().map(|(s, _)| s).collect();
     let state = checkpoint::read_state(&checkpoint::path_for(out.path(), 10)).unwrap();
     let best = state.best_step.unwrap();
-    assert!(left.len() <= 2 && left.contains(&10) && left.contains(&best), "{left:?}, best {best}");
+    assert!(
+        left.len() <= 2 && left.contains(&10) && left.contains(&best),
+        "{left:?}, best {best}"
+    );
     let evals = read(&out.path().join("metrics.jsonl"))
         .unwrap()
         .into_iter()
@@ -133,7 +153,15 @@ fn fp16_overflow_skips_the_update_and_lowers_the_scale() {
     let before = model.trainable_vars()[0].as_tensor().copy().unwrap();
     let mut opts = options(None);
     opts.initial_loss_scale = 2f64.powi(24);
-    let s = ferrotune_train::train(&cfg, &mut model, &lora, &reference_data(), &opts, &mut Silent).unwrap();
+    let s = ferrotune_train::train(
+        &cfg,
+        &mut model,
+        &lora,
+        &reference_data(),
+        &opts,
+        &mut Silent,
+    )
+    .unwrap();
     let records = train_records(&s.metrics);
     let skipped: u64 = records.iter().map(|r| r.skipped_steps).sum();
     assert!(skipped >= 1, "a scale of 2^24 must overflow fp16");
@@ -141,7 +169,14 @@ fn fp16_overflow_skips_the_update_and_lowers_the_scale() {
     let last = records.last().unwrap();
     assert_eq!(last.loss_scale, Some(2f64.powi(24 - skipped as i32)));
     let after = model.trainable_vars()[0].as_tensor().copy().unwrap();
-    let moved = (after - before).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let moved = (after - before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(moved > 0.0, "successful steps update the adapter");
 }
 
@@ -150,15 +185,29 @@ fn a_non_finite_loss_stops_the_run_and_names_the_last_good_checkpoint() {
     let out = tempfile::tempdir().unwrap();
     let cfg = reference_config(
         out.path(),
-        &["learning_rate=1e30", "warmup_steps=0", "save_steps=1", "max_grad_norm=0"],
+        &[
+            "learning_rate=1e30",
+            "warmup_steps=0",
+            "save_steps=1",
+            "max_grad_norm=0",
+        ],
     );
     let (mut model, lora) = model_with_adapter(DType::F32);
-    let err = ferrotune_train::train(&cfg, &mut model, &lora, &reference_data(), &options(None), &mut Silent)
-        .unwrap_err();
+    let err = ferrotune_train::train(
+        &cfg,
+        &mut model,
+        &lora,
+        &reference_data(),
+        &options(None),
+        &mut Silent,
+    )
+    .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, TrainError::NonFinite { .. }), "{msg}");
     assert!(msg.contains("checkpoint-"), "{msg}");
-    let (step, good) = list(out.path()).pop().expect("a good checkpoint before the blow-up");
+    let (step, good) = list(out.path())
+        .pop()
+        .expect("a good checkpoint before the blow-up");
     assert!(msg.contains(&format!("step {}", step + 1)), "{msg}");
     assert!(checkpoint::read_state(&good).is_ok());
 }

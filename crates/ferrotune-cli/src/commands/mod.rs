@@ -4,5 +4,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod model_args;
+pub mod plan;
 pub mod run;
+pub mod tracking;
 pub mod train;

@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::cli::TrainArgs;
 use crate::commands::model_args;
+use crate::commands::tracking::{identity, tracking_uri, MlflowObserver};
 use crate::failure::Failure;
 use crate::progress::{RowBar, TrainBar};
 
@@ -43,15 +44,37 @@ fn dry_run(cfg: &TrainConfig, json_out: bool) -> Result<(), Failure> {
     let model_dir = resolve_model(&cfg.model)?;
     let model_cfg = Phi3Config::from_dir(&model_dir)?;
     let seq = max_seq_length(cfg, &model_cfg)?;
+    let on_gpu = cfg.device.starts_with("cuda")
+        || (cfg.device == "auto" && candle_core::utils::cuda_is_available());
+    let input = crate::commands::plan::input(cfg, on_gpu)?;
+    let mut estimate = ferrotune_train::plan::estimate(&input);
+    if on_gpu {
+        estimate = ferrotune_train::plan::with_device_overhead(&estimate);
+    }
     if json_out {
         println!(
             "{}",
-            json!({"config": cfg, "display_name": cfg.display_name(), "max_seq_length": seq, "training_hash": cfg.training_hash()})
+            json!({"config": cfg, "display_name": cfg.display_name(), "max_seq_length": seq,
+                   "training_hash": cfg.training_hash(), "plan": estimate})
         );
     } else {
         println!("# resolved config ({})", cfg.display_name());
         print!("{}", cfg.to_yaml());
-        println!("# sequences of at most {seq} tokens; training hash {}", cfg.training_hash());
+        println!(
+            "# sequences of at most {seq} tokens; training hash {}",
+            cfg.training_hash()
+        );
+        println!(
+            "# memory plan per {}:",
+            if on_gpu {
+                "GPU"
+            } else {
+                "process (CPU; an upper bound)"
+            }
+        );
+        for line in ferrotune_train::plan::render(&estimate).lines() {
+            println!("#   {line}");
+        }
     }
     Ok(())
 }
@@ -120,7 +143,11 @@ pub fn train(
         "model {} ({:?} on {}) loaded in {:.1} s; LoRA r={} alpha={} on {}",
         model_dir.display(),
         dtype,
-        if device.is_cpu() { "cpu".to_string() } else { format!("{device:?}") },
+        if device.is_cpu() {
+            "cpu".to_string()
+        } else {
+            format!("{device:?}")
+        },
         loaded_at.elapsed().as_secs_f64(),
         lora.r,
         lora.lora_alpha,
@@ -130,6 +157,7 @@ pub fn train(
         .pad_token_id
         .filter(|&p| (p as usize) < vocab)
         .unwrap_or(0);
+    let train_key = train.cache_key.clone();
     let data = RunData {
         train: train.sequences,
         validation: validation.map(|v| v.sequences),
@@ -151,40 +179,74 @@ pub fn train(
         base_model: cfg.model.clone(),
         initial_loss_scale: 65536.0,
     };
+    let mut mlflow =
+        tracking_uri(cfg).and_then(|uri| MlflowObserver::start(&uri, identity(cfg, &train_key)));
     let mut bar = TrainBar::new(show_progress);
-    let summary = {
-        let mut fan = Fan {
-            first: &mut bar,
-            rest: extra,
-        };
-        ferrotune_train::train(cfg, &mut model, &lora, &data, &options, &mut fan)
+    let result = {
+        let mut watchers: Vec<&mut dyn Observer> = vec![&mut bar];
+        if let Some(m) = mlflow.as_mut() {
+            watchers.push(m);
+        }
+        for o in extra.iter_mut() {
+            watchers.push(o.as_mut());
+        }
+        ferrotune_train::train(cfg, &mut model, &lora, &data, &options, &mut Fan(watchers))
     };
     bar.finish();
-    Ok(summary?)
+    if let Some(m) = mlflow {
+        let status = match &result {
+            Ok(s) if s.finish == Finish::Interrupted => "KILLED",
+            Ok(_) => "FINISHED",
+            Err(_) => "FAILED",
+        };
+        m.finish(status, run_artifacts(cfg, result.as_ref().ok()));
+    }
+    Ok(result?)
+}
+
+/// Files a finished run uploads to MLflow: the adapter, the config, metrics and the plot.
+fn run_artifacts(cfg: &TrainConfig, summary: Option<&Summary>) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let Some(s) = summary else {
+        return out;
+    };
+    if let Some(adapter) = &s.adapter {
+        for name in [
+            ferrotune_model::peft::CONFIG_FILE,
+            ferrotune_model::peft::WEIGHTS_FILE,
+        ] {
+            out.push((format!("adapter/{name}"), adapter.join(name)));
+        }
+    }
+    out.push((
+        checkpoint::CONFIG_FILE.to_string(),
+        s.last_checkpoint.join(checkpoint::CONFIG_FILE),
+    ));
+    out.push(("metrics.jsonl".into(), s.metrics.clone()));
+    let plot = cfg.output_dir.join(ferrotune_train::plot::PLOT_FILE);
+    if plot.exists() {
+        out.push((ferrotune_train::plot::PLOT_FILE.into(), plot));
+    }
+    out
 }
 
 /// Forwards every event to several observers.
-struct Fan<'a> {
-    first: &'a mut dyn Observer,
-    rest: &'a mut Vec<Box<dyn Observer>>,
-}
+struct Fan<'a>(Vec<&'a mut dyn Observer>);
 
 impl Observer for Fan<'_> {
     fn started(&mut self, shape: &ferrotune_train::RunShape) {
-        self.first.started(shape);
-        self.rest.iter_mut().for_each(|o| o.started(shape));
+        self.0.iter_mut().for_each(|o| o.started(shape));
     }
     fn step(&mut self, step: u64, total: u64, loss: f64, lr: f64, tps: f64) {
-        self.first.step(step, total, loss, lr, tps);
-        self.rest.iter_mut().for_each(|o| o.step(step, total, loss, lr, tps));
+        self.0
+            .iter_mut()
+            .for_each(|o| o.step(step, total, loss, lr, tps));
     }
     fn record(&mut self, record: &ferrotune_train::metrics::Record) {
-        self.first.record(record);
-        self.rest.iter_mut().for_each(|o| o.record(record));
+        self.0.iter_mut().for_each(|o| o.record(record));
     }
     fn checkpoint(&mut self, path: &std::path::Path) {
-        self.first.checkpoint(path);
-        self.rest.iter_mut().for_each(|o| o.checkpoint(path));
+        self.0.iter_mut().for_each(|o| o.checkpoint(path));
     }
 }
 

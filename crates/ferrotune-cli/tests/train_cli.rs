@@ -1,0 +1,233 @@
+//! `ferrotune train` as a user runs it: on the tiny Phi-3 fixture and the bundled ultrachat
+//! sample, with config errors, a tracking server that is down, Ctrl-C and resume.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use predicates::str::contains;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn ferrotune() -> Command {
+    let mut cmd = Command::cargo_bin("ferrotune").unwrap();
+    cmd.env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HOME")
+        .env_remove("MLFLOW_TRACKING_URI");
+    cmd
+}
+
+/// A small run: 12 optimizer steps over the sample's first 480 rows at batch 8.
+fn config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("train.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "model: {model}\ntrain_file_path: {data}\nvalidation_file_path: {data}\n\
+             max_steps: 12\nper_device_train_batch_size: 4\nlearning_rate: 5.0e-3\n\
+             lr_scheduler_type: cosine\nwarmup_steps: 2\nlogging_steps: 3\neval_steps: 6\n\
+             save_steps: 4\nsave_total_limit: 2\nprecision: fp32\ndevice: cpu\noutput_dir: out\n{extra}",
+            model = fixtures().join("models/tiny_phi3_chat").display(),
+            data = fixtures().join("ultrachat_sample/jsonl").display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn a_run_writes_checkpoints_adapter_metrics_and_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let out = ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &v["summary"];
+    assert_eq!(s["finish"], "completed");
+    assert_eq!(s["steps"], 12);
+    let run = tmp.path().join("out");
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "metrics.jsonl",
+        "loss.svg",
+        "checkpoint-12/optimizer.safetensors",
+        "checkpoint-12/trainer_state.json",
+        "checkpoint-12/train_config.yaml",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    // save_total_limit 2: of 4, 8, 12 the newest and the best survive.
+    let ckpts: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        .collect();
+    assert!(ckpts.len() <= 2, "{} checkpoints kept", ckpts.len());
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let evals: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["type"] == "eval")
+        .collect();
+    assert_eq!(evals.len(), 2, "eval at steps 6 and 12");
+    let first = evals[0]["eval_loss"].as_f64().unwrap();
+    let last = evals[1]["eval_loss"].as_f64().unwrap();
+    assert!(last < first, "eval loss must fall: {first} -> {last}");
+    // The adapter is usable as is by `generate`.
+    ferrotune()
+        .args(["generate", "--model"])
+        .arg(fixtures().join("models/tiny_phi3_chat"))
+        .arg("--adapter")
+        .arg(run.join("adapter"))
+        .args([
+            "--prompt",
+            "What is 2 + 2?",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+        ])
+        .assert()
+        .success();
+    // A second run into the same folder must not silently overwrite it.
+    ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .assert()
+        .code(2)
+        .stderr(contains("--resume auto"));
+}
+
+#[test]
+fn config_mistakes_exit_2_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "lerning_rate: 1\n");
+    ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .assert()
+        .code(2)
+        .stderr(contains("unknown key \"lerning_rate\""))
+        .stderr(contains("learning_rate"));
+    let cfg = config(tmp.path(), "");
+    ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--set", "lr_scheduler_type=exponential"])
+        .assert()
+        .code(2)
+        .stderr(contains("lr_scheduler_type"));
+    ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--set", "max_seq_length=100000"])
+        .assert()
+        .code(2)
+        .stderr(contains(
+            "max_seq_length: 100000 is longer than the model's context",
+        ));
+    ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--dry-run")
+        .assert()
+        .success()
+        .stdout(contains("learning_rate: 0.005"))
+        .stdout(contains(
+            "tiny_phi3_chat-ultrachat-bs4-cosine-nods-lora-save_limit2-seqlen-1",
+        ));
+}
+
+#[test]
+fn an_unreachable_tracking_server_never_stops_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "max_steps: 3\neval_steps: 3\n");
+    let started = Instant::now();
+    ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .env("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+        .assert()
+        .success()
+        .stderr(contains("MLflow"))
+        .stderr(contains("metrics.jsonl"));
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_exits_130_and_resume_finishes_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        "max_steps: 400\neval_steps: 400\nsave_steps: 1000\nlogging_steps: 1\n",
+    );
+    let bin = assert_cmd::cargo::cargo_bin("ferrotune");
+    let mut child = std::process::Command::new(&bin)
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("MLFLOW_TRACKING_URI")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = tmp.path().join("out/metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(Instant::now() < deadline, "training did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let ckpt: Vec<_> = std::fs::read_dir(tmp.path().join("out"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(ckpt.len(), 1, "{ckpt:?}");
+    let out = ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--resume", "auto", "--set", "max_steps=400", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["summary"]["steps"], 400);
+}

@@ -1,0 +1,921 @@
+//! The memory planner behind `ferrotune plan` and the pre-flight check of `ferrotune train`:
+//! how many bytes a LoRA run of a Phi-3 shape needs on one GPU, whether that fits a GPU or an
+//! Azure VM size, and the largest micro batch / sequence length that would. Pure integer
+//! arithmetic on the config (no tensors), so it is instant and deterministic.
+//!
+//! The activation model follows what ferrotune's graph keeps alive on a CUDA device, where
+//! RMSNorm, RoPE, SwiGLU, the attention softmax and the cross-entropy are composed from candle
+//! ops (the fused kernels in `ferrotune-model` are CPU/f32-only), as traced through
+//! candle-core 0.11's autograd:
+//!
+//! * every op's output stays alive until the backward ends, because each tensor holds its inputs
+//!   (`Op::*`) and the loss holds the graph;
+//! * candle's backward also computes gradients for constant operands (the attention bias, the
+//!   detached softmax/loss maxima, RoPE's cos/sin, the norm weights, LoRA dropout masks) at
+//!   their broadcast shape and leaves them in the `GradStore` until the micro-step ends: these
+//!   are counted as "leaked" gradients;
+//! * the backward of a broadcast division (the softmax normalisation) holds about six buffers of
+//!   the `[b, heads, t, t]` score size at once, and the loss backward about four `[b·t, vocab]`.
+//!
+//! On CPU in f32 the fused kernels keep less, so the plan is an upper bound there. Sizes are
+//! bytes throughout; "GiB" is 2³⁰ bytes.
+
+use ferrotune_model::{LoraConfig, Phi3Config};
+use serde::Serialize;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Fixed bytes a CUDA context (driver, cuBLAS handles and workspace, candle's kernels) takes on
+/// each GPU before any tensor exists. Not part of [`estimate`]; [`with_device_overhead`] adds it.
+pub const CUDA_CONTEXT_BYTES: u64 = 300 * MIB;
+
+/// What a run looks like, as the planner needs it.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub model: Phi3Config,
+    pub lora: LoraConfig,
+    /// Sequences per forward/backward (`per_device_train_batch_size`).
+    pub micro_batch: usize,
+    /// Tokens per sequence (the packed / padded length).
+    pub seq_len: usize,
+    /// Bytes per element of the model dtype: 4 for f32, 2 for bf16/f16.
+    pub dtype_bytes: usize,
+    /// `gradient_checkpointing`: per-layer recompute (`Phi3::loss_and_grads_recompute`).
+    pub recompute: bool,
+}
+
+/// Peak device memory of one training micro-step, by component. All sizes in bytes; the
+/// components from `weights` to `overhead` add up to `total`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryPlan {
+    /// Frozen base weights in the model dtype (`lm_head` counted once when tied).
+    pub weights: u64,
+    /// LoRA A and B, fp32 `Var`s (the master weights).
+    pub lora_parameters: u64,
+    /// fp32 gradients: the micro-batch's plus the accumulated sum over the window.
+    pub gradients: u64,
+    /// AdamW's two fp32 moments.
+    pub optimizer_state: u64,
+    /// Decoder-layer activations for the chosen `recompute` setting (one of the two below).
+    pub activations: u64,
+    /// Every layer's graph plus the gradients candle leaves for constants, at the peak (the
+    /// first layer's softmax backward).
+    pub activations_without_recompute: u64,
+    /// Each layer's input `[b, t, hidden]` plus one layer's graph at a time.
+    pub activations_with_recompute: u64,
+    /// The head kept through the backward: final norm, logits in the model dtype, their f32
+    /// copy, the cross-entropy intermediates and the leaked gradient of its max.
+    pub logits_and_loss: u64,
+    /// Shared constants (the `[b, 1, t, t]` f32 attention bias, RoPE cos/sin) plus the transient
+    /// buffers of the largest backward step: the softmax backward (six `[b, heads, t, t]` f32),
+    /// or the loss backward (four `[b·t, vocab]` f32) when that is larger.
+    pub attention_workspace: u64,
+    /// 5% of the components above (allocator rounding and fragmentation, small temporaries,
+    /// cuBLAS workspaces); plus [`CUDA_CONTEXT_BYTES`] after [`with_device_overhead`].
+    pub overhead: u64,
+    pub total: u64,
+    /// LoRA parameter count.
+    pub trainable_parameters: u64,
+    /// Base parameter count.
+    pub frozen_parameters: u64,
+}
+
+/// A GPU (or an Azure VM size's GPUs) to plan for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub gpus_per_node: usize,
+    /// Memory of one GPU in bytes (the marketed size read as GiB).
+    pub memory_per_gpu: u64,
+    /// Whether the GPU computes in bf16 (compute capability 8.0 or newer).
+    pub bf16: bool,
+}
+
+/// Whether a plan fits a GPU, and what would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub fits: bool,
+    /// The GPU's memory less a 5% safety margin, in bytes.
+    pub usable_bytes: u64,
+    /// The plan's total including [`CUDA_CONTEXT_BYTES`], in bytes.
+    pub needed_bytes: u64,
+    /// The largest micro batch that fits at this `seq_len`; `None` if even 1 does not.
+    pub largest_micro_batch: Option<usize>,
+    /// The largest multiple of 128 (up to the model's `max_position_embeddings`) that fits at
+    /// this micro batch; `None` if even 128 does not.
+    pub largest_seq_len: Option<usize>,
+}
+
+/// Bytes of an f32.
+const F32: u128 = 4;
+/// Live `[b, heads, t, t]` f32 buffers while the softmax's broadcast division back-propagates:
+/// the incoming gradient, `grad / sum`, the numerator's summed gradient, `grad · e`, `sum²` and
+/// their quotient (candle's `BinaryOp::Div` backward).
+const SOFTMAX_BACKWARD_BUFFERS: u128 = 6;
+/// Live `[b·t, vocab]` f32 buffers at the worst point of the cross-entropy backward (the `exp`
+/// node: its gradient, `grad · exp`, the old and the new summed gradient of the shifted logits).
+const LOSS_BACKWARD_BUFFERS: u128 = 4;
+
+fn saturate(x: u128) -> u64 {
+    u64::try_from(x).unwrap_or(u64::MAX)
+}
+
+/// The model's dimensions and the run's, widened so products cannot overflow.
+struct Dims {
+    vocab: u128,
+    hidden: u128,
+    inter: u128,
+    layers: u128,
+    heads: u128,
+    kv_heads: u128,
+    head_dim: u128,
+    /// Query width `heads · head_dim` (the `o_proj` input).
+    attn: u128,
+    /// Key (or value) width `kv_heads · head_dim`.
+    kv: u128,
+    qkv: u128,
+    r: u128,
+    /// Model dtype bytes.
+    d: u128,
+    /// 1 when the model dtype is not f32: then `to_dtype(F32)` makes a copy (in f32 it is a
+    /// no-op returning the same tensor).
+    conv: u128,
+    dropout: bool,
+    b: u128,
+    t: u128,
+}
+
+/// One linear of a decoder layer: whether LoRA adapts it, its input and output width.
+struct Linear {
+    targeted: bool,
+    input: u128,
+    output: u128,
+}
+
+impl Dims {
+    fn new(p: &PlanInput) -> Dims {
+        let m = &p.model;
+        let w = |x: usize| x as u128;
+        let d = w(p.dtype_bytes.max(1));
+        Dims {
+            vocab: w(m.vocab_size),
+            hidden: w(m.hidden_size),
+            inter: w(m.intermediate_size),
+            layers: w(m.num_hidden_layers),
+            heads: w(m.num_attention_heads),
+            kv_heads: w(m.num_key_value_heads),
+            head_dim: w(m.head_dim),
+            attn: w(m.num_attention_heads * m.head_dim),
+            kv: w(m.num_key_value_heads * m.head_dim),
+            qkv: w(m.qkv_size()),
+            r: w(p.lora.r),
+            d,
+            conv: u128::from(d != F32),
+            dropout: p.lora.lora_dropout > 0.0,
+            b: w(p.micro_batch),
+            t: w(p.seq_len),
+        }
+    }
+
+    /// Tokens in the micro batch.
+    fn n(&self) -> u128 {
+        self.b * self.t
+    }
+
+    /// The four linears of a layer, in forward order (`phi3.rs`'s shapes).
+    fn linears(&self, lora: &LoraConfig) -> [Linear; 4] {
+        let on = |name: &str| lora.r > 0 && lora.targets(name);
+        let (h, i) = (self.hidden, self.inter);
+        [
+            Linear {
+                targeted: on("qkv_proj"),
+                input: h,
+                output: self.qkv,
+            },
+            Linear {
+                targeted: on("o_proj"),
+                input: self.attn,
+                output: h,
+            },
+            Linear {
+                targeted: on("gate_up_proj"),
+                input: h,
+                output: 2 * i,
+            },
+            Linear {
+                targeted: on("down_proj"),
+                input: i,
+                output: h,
+            },
+        ]
+    }
+
+    /// Composed RMSNorm, bytes kept per token: `x` to f32 (a copy unless f32), `x²`, its mean,
+    /// `+eps`, `sqrt`, `recip` (one value each), `x·inv` (f32), back to the dtype (a copy unless
+    /// f32), `· weight`.
+    fn norm_kept(&self) -> u128 {
+        let h = self.hidden;
+        h * (2 * F32 + self.d) + self.conv * h * (F32 + self.d) + 4 * F32
+    }
+
+    /// A frozen projection with an optional adapter, bytes kept per token: the base output;
+    /// with LoRA `x·Aᵀ` (r values), `·Bᵀ`, `·scale` and the sum (three more outputs); with
+    /// dropout the mask and the masked input.
+    fn linear_kept(&self, l: &Linear) -> u128 {
+        let mut bytes = l.output * self.d;
+        if l.targeted {
+            bytes += self.r * self.d + 3 * l.output * self.d;
+            if self.dropout {
+                bytes += 2 * l.input * self.d;
+            }
+        }
+        bytes
+    }
+
+    /// Gradient candle computes for the dropout mask (a constant) and keeps, per token.
+    fn linear_leak(&self, l: &Linear) -> u128 {
+        if l.targeted && self.dropout {
+            l.input * self.d
+        } else {
+            0
+        }
+    }
+
+    /// LoRA A and B cast to the model dtype for the forward (per layer, not per token); in f32
+    /// the cast is a no-op.
+    fn lora_casts(&self, lora: &LoraConfig) -> u128 {
+        self.linears(lora)
+            .iter()
+            .filter(|l| l.targeted)
+            .map(|l| self.conv * self.r * (l.input + l.output) * self.d)
+            .sum()
+    }
+
+    /// One decoder layer's graph, bytes per token, without its input (`DecoderLayer::forward`).
+    fn layer_kept(&self, lora: &LoraConfig) -> u128 {
+        let [qkv, o, gate_up, down] = self.linears(lora);
+        let (h, d, a, kv) = (self.hidden, self.d, self.attn, self.kv);
+        let mut bytes = self.norm_kept() + self.linear_kept(&qkv);
+        // q, k, v: `narrow` + `reshape` copies (the narrow is strided), then the `contiguous`
+        // copy after the transpose: two copies of the qkv output.
+        bytes += 2 * self.qkv * d;
+        // Composed RoPE on q and k: `-x2` (half), `cat`, `x·cos`, `rot·sin`, the sum.
+        bytes += (a / 2 + 4 * a + kv / 2 + 4 * kv) * d;
+        // repeat_kv (GQA only): a broadcast reshaped into a copy, for k and for v.
+        if self.heads != self.kv_heads {
+            bytes += 2 * a * d;
+        }
+        // Scores per query: `q·kᵀ` in the dtype, its f32 copy, `·scale`, `+bias`, `-max`, `exp`,
+        // `/sum` (f32), probabilities back in the dtype; max and sum are one value per head.
+        bytes += self.heads * self.t * (d + 5 * F32 + self.conv * (F32 + d)) + 2 * self.heads * F32;
+        // `probs·v`, and its transpose reshaped into a copy for o_proj.
+        bytes += 2 * a * d;
+        bytes += self.linear_kept(&o);
+        // The residual sum after attention.
+        bytes += h * d;
+        bytes += self.norm_kept() + self.linear_kept(&gate_up);
+        // Composed SwiGLU: `-gate`, `exp`, `+1`, `recip`, `gate·σ`, `up·…`.
+        bytes += 6 * self.inter * d;
+        // down_proj; its residual sum is the next layer's input (counted there).
+        bytes + self.linear_kept(&down)
+    }
+
+    /// Leaked gradients of one layer created before its softmax backward runs (the backward
+    /// walks the layer from its output): the second norm's weight, the dropout masks of down,
+    /// gate_up and o_proj. Bytes per token.
+    fn layer_leak_before_softmax(&self, lora: &LoraConfig) -> u128 {
+        let [_, o, gate_up, down] = self.linears(lora);
+        self.hidden * self.d
+            + self.linear_leak(&down)
+            + self.linear_leak(&gate_up)
+            + self.linear_leak(&o)
+    }
+
+    /// Leaked gradients created from the softmax backward on: the attention bias and the
+    /// softmax max, each at `[heads, t]` f32 per token; RoPE's cos and sin broadcast over q's
+    /// and k's heads; the first norm's weight; qkv_proj's dropout mask. Bytes per token.
+    fn layer_leak_from_softmax(&self, lora: &LoraConfig) -> u128 {
+        let [qkv, ..] = self.linears(lora);
+        2 * self.heads * self.t * F32
+            + 2 * (self.attn + self.kv) * self.d
+            + self.hidden * self.d
+            + self.linear_leak(&qkv)
+    }
+
+    /// The head, bytes per token kept through the backward: the final hidden state, the final
+    /// norm, logits in the dtype, their f32 copy, the cross-entropy's gathered rows, shifted
+    /// rows and `exp` (all f32; every token assumed trained, the worst case), a few per-row
+    /// values; plus the leaked gradients of the final norm's weight and of the detached max.
+    fn head(&self) -> u128 {
+        let (h, v, d) = (self.hidden, self.vocab, self.d);
+        let kept = h * d + self.norm_kept() + v * (d + self.conv * F32 + 3 * F32) + 4 * F32;
+        let leaked = h * d + v * F32;
+        kept + leaked
+    }
+}
+
+/// Parameter counts `(frozen, trainable)`.
+fn parameters(p: &PlanInput) -> (u128, u128) {
+    let dims = Dims::new(p);
+    let (v, h) = (dims.vocab, dims.hidden);
+    let linears = dims.linears(&p.lora);
+    let per_layer: u128 = 2 * h + linears.iter().map(|l| l.input * l.output).sum::<u128>();
+    let head = if p.model.tie_word_embeddings {
+        0
+    } else {
+        v * h
+    };
+    let frozen = v * h + h + dims.layers * per_layer + head;
+    let trainable = dims.layers
+        * linears
+            .iter()
+            .filter(|l| l.targeted)
+            .map(|l| dims.r * (l.input + l.output))
+            .sum::<u128>();
+    (frozen, trainable)
+}
+
+/// Peak memory of one micro-step on one GPU, without the CUDA context (see
+/// [`with_device_overhead`]).
+pub fn estimate(input: &PlanInput) -> MemoryPlan {
+    let dims = Dims::new(input);
+    let lora = &input.lora;
+    let (frozen, trainable) = parameters(input);
+    let (n, l, h, d) = (dims.n(), dims.layers, dims.hidden, dims.d);
+
+    let weights = frozen * d;
+    // LoRA A/B are fp32 Vars whatever the model dtype (mixed precision with fp32 masters).
+    let lora_parameters = trainable * F32;
+    // The micro-batch's gradients (fp32: they flow back through the cast of the fp32 Vars) and
+    // the window's running sum, a separate fp32 copy once accumulation adds the second one.
+    let gradients = 2 * trainable * F32;
+    // AdamW's exp_avg and exp_avg_sq, fp32.
+    let optimizer_state = 2 * trainable * F32;
+
+    let kept = dims.layer_kept(lora);
+    let casts = dims.lora_casts(lora);
+    let leak_before = dims.layer_leak_before_softmax(lora);
+    let leak_all = leak_before + dims.layer_leak_from_softmax(lora);
+    // Plain graph: every layer's input and graph stay until the backward returns. The peak is
+    // the first layer's softmax backward, when the other layers' leaked gradients exist too.
+    let without =
+        l * (n * (h * d + kept) + casts) + l.saturating_sub(1) * n * leak_all + n * leak_before;
+    // Recompute: each layer's input is kept (detached), then one layer is re-run under the
+    // graph from a Var copy of its input; the backward seeds it with `y · grad` (the product,
+    // the incoming gradient and the gradient candle keeps for it); plus the Var copy of the
+    // final hidden state the head starts from.
+    let with = l * n * h * d + n * h * d + n * (h * d + kept + leak_before + 3 * h * d) + casts;
+    let activations = if input.recompute { with } else { without };
+
+    // Both paths keep the head's graph (and its leaked gradient) until the layers are done.
+    let logits_and_loss = n * dims.head();
+    let scores = dims.b * dims.heads * dims.t * dims.t;
+    let attention_workspace = dims.b * dims.t * dims.t * F32
+        + 2 * n * dims.head_dim * d
+        + (SOFTMAX_BACKWARD_BUFFERS * scores * F32)
+            .max(LOSS_BACKWARD_BUFFERS * n * dims.vocab * F32);
+
+    let sum = weights
+        + lora_parameters
+        + gradients
+        + optimizer_state
+        + activations
+        + logits_and_loss
+        + attention_workspace;
+    let overhead = sum / 20;
+    MemoryPlan {
+        weights: saturate(weights),
+        lora_parameters: saturate(lora_parameters),
+        gradients: saturate(gradients),
+        optimizer_state: saturate(optimizer_state),
+        activations: saturate(activations),
+        activations_without_recompute: saturate(without),
+        activations_with_recompute: saturate(with),
+        logits_and_loss: saturate(logits_and_loss),
+        attention_workspace: saturate(attention_workspace),
+        overhead: saturate(overhead),
+        total: saturate(sum + overhead),
+        trainable_parameters: saturate(trainable),
+        frozen_parameters: saturate(frozen),
+    }
+}
+
+/// `plan` on a GPU: [`CUDA_CONTEXT_BYTES`] added to `overhead` and `total` (apply once).
+pub fn with_device_overhead(plan: &MemoryPlan) -> MemoryPlan {
+    MemoryPlan {
+        overhead: plan.overhead.saturating_add(CUDA_CONTEXT_BYTES),
+        total: plan.total.saturating_add(CUDA_CONTEXT_BYTES),
+        ..plan.clone()
+    }
+}
+
+/// Bytes needed on a GPU.
+fn needed(input: &PlanInput) -> u64 {
+    with_device_overhead(&estimate(input)).total
+}
+
+/// Whether `input` fits a GPU of `memory_bytes` (the device overhead included, 5% of the memory
+/// kept back), and the largest micro batch and sequence length that would.
+pub fn verdict(input: &PlanInput, memory_bytes: u64) -> Verdict {
+    let usable_bytes = memory_bytes - memory_bytes / 20;
+    let needed_bytes = needed(input);
+    let fits_with = |micro_batch: usize, seq_len: usize| {
+        needed(&PlanInput {
+            micro_batch,
+            seq_len,
+            ..input.clone()
+        }) <= usable_bytes
+    };
+    // Memory grows with both, so the largest fitting value is found by bisection.
+    let largest_micro_batch = largest(1 << 20, |b| fits_with(b, input.seq_len));
+    let largest_seq_len = largest(input.model.max_position_embeddings / 128, |k| {
+        fits_with(input.micro_batch, 128 * k)
+    })
+    .map(|k| 128 * k);
+    Verdict {
+        fits: needed_bytes <= usable_bytes,
+        usable_bytes,
+        needed_bytes,
+        largest_micro_batch,
+        largest_seq_len,
+    }
+}
+
+/// The largest `k` in `1..=limit` with `fits(k)`, for `fits` true up to some point and false
+/// after; `None` if `fits(1)` is false (or `limit` is 0).
+fn largest(limit: usize, fits: impl Fn(usize) -> bool) -> Option<usize> {
+    if limit == 0 || !fits(1) {
+        return None;
+    }
+    let (mut lo, mut hi) = (1usize, limit); // fits(lo); the answer is in lo..=hi
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo)
+}
+
+struct Gpu {
+    name: &'static str,
+    /// Spellings after [`gpu_key`].
+    keys: &'static [&'static str],
+    gib: u64,
+    bf16: bool,
+}
+
+const GPUS: &[Gpu] = &[
+    Gpu {
+        name: "H100-80GB",
+        keys: &["h100", "h10080"],
+        gib: 80,
+        bf16: true,
+    },
+    Gpu {
+        name: "H100-94GB",
+        keys: &["h10094", "h100nvl", "h100nvl94"],
+        gib: 94,
+        bf16: true,
+    },
+    Gpu {
+        name: "H200",
+        keys: &["h200", "h200141"],
+        gib: 141,
+        bf16: true,
+    },
+    Gpu {
+        name: "A100-40GB",
+        keys: &["a10040"],
+        gib: 40,
+        bf16: true,
+    },
+    Gpu {
+        name: "A100-80GB",
+        keys: &["a10080"],
+        gib: 80,
+        bf16: true,
+    },
+    Gpu {
+        name: "A10",
+        keys: &["a10", "a1024"],
+        gib: 24,
+        bf16: true,
+    },
+    Gpu {
+        name: "L4",
+        keys: &["l4", "l424"],
+        gib: 24,
+        bf16: true,
+    },
+    Gpu {
+        name: "L40S",
+        keys: &["l40s", "l40s48"],
+        gib: 48,
+        bf16: true,
+    },
+    Gpu {
+        name: "V100-16GB",
+        keys: &["v10016"],
+        gib: 16,
+        bf16: false,
+    },
+    Gpu {
+        name: "V100-32GB",
+        keys: &["v10032"],
+        gib: 32,
+        bf16: false,
+    },
+    Gpu {
+        name: "T4",
+        keys: &["t4", "t416"],
+        gib: 16,
+        bf16: false,
+    },
+];
+
+/// Lowercase letters and digits only, without vendor, form-factor and memory-type words or
+/// "GB": "NVIDIA H100 80GB HBM3", "h100-80gb" and "H100_80G" all become "h10080",
+/// "NVIDIA A100-SXM4-40GB" becomes "a10040", "Tesla V100-PCIE-16GB" "v10016" (nvidia-smi's
+/// names work too).
+fn gpu_key(name: &str) -> String {
+    let mut key: String = name
+        .to_lowercase()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    for noise in [
+        "nvidia", "tesla", "hbm3e", "hbm3", "hbm2e", "hbm2", "sxm2", "sxm4", "sxm5", "sxm", "pcie",
+        "gb",
+    ] {
+        key = key.replace(noise, "");
+    }
+    // "80G": a trailing g after a size.
+    if key.ends_with('g') && key[..key.len() - 1].ends_with(|c: char| c.is_ascii_digit()) {
+        key.pop();
+    }
+    key
+}
+
+fn known_gpus() -> String {
+    GPUS.iter().map(|g| g.name).collect::<Vec<_>>().join(", ")
+}
+
+/// One GPU by name (case-insensitive; e.g. "H100", "h100-80gb", "A100-40GB", "H100-NVL").
+pub fn gpu(name: &str) -> Result<Target, String> {
+    let key = gpu_key(name);
+    if key == "a100" || key == "v100" {
+        let sizes = if key == "a100" {
+            "A100-40GB or A100-80GB"
+        } else {
+            "V100-16GB or V100-32GB"
+        };
+        return Err(format!(
+            "GPU {name:?} comes in two memory sizes; say {sizes} (known GPUs: {})",
+            known_gpus()
+        ));
+    }
+    let found = GPUS.iter().find(|g| g.keys.contains(&key.as_str()));
+    let g = found.ok_or_else(|| format!("unknown GPU {name:?}; known GPUs: {}", known_gpus()))?;
+    Ok(Target {
+        name: g.name.to_string(),
+        gpus_per_node: 1,
+        memory_per_gpu: g.gib * GIB,
+        bf16: g.bf16,
+    })
+}
+
+/// Azure ML VM sizes: name, GPUs, GPU.
+const SKUS: &[(&str, usize, &str)] = &[
+    ("Standard_NC6s_v3", 1, "V100-16GB"),
+    ("Standard_NC12s_v3", 2, "V100-16GB"),
+    ("Standard_NC24s_v3", 4, "V100-16GB"),
+    ("Standard_NC24rs_v3", 4, "V100-16GB"),
+    ("Standard_NC24ads_A100_v4", 1, "A100-80GB"),
+    ("Standard_NC48ads_A100_v4", 2, "A100-80GB"),
+    ("Standard_NC96ads_A100_v4", 4, "A100-80GB"),
+    ("Standard_ND96asr_v4", 8, "A100-40GB"),
+    ("Standard_ND96amsr_A100_v4", 8, "A100-80GB"),
+    ("Standard_NC40ads_H100_v5", 1, "H100-94GB"),
+    ("Standard_ND96isr_H100_v5", 8, "H100-80GB"),
+];
+
+/// The K80 sizes the source's Azure ML fine-tuning pipeline refuses (its check compares
+/// `compute.size.lower()` with these).
+const RETIRED_K80_SKUS: &[&str] = &[
+    "standard_nc6",
+    "standard_nc12",
+    "standard_nc24",
+    "standard_nc24r",
+];
+
+/// An Azure VM size (case-insensitive, with or without `Standard_`): its GPUs and their memory.
+pub fn azure_sku(name: &str) -> Result<Target, String> {
+    let lower = name.trim().to_lowercase();
+    let full = if lower.starts_with("standard_") {
+        lower
+    } else {
+        format!("standard_{lower}")
+    };
+    if RETIRED_K80_SKUS.contains(&full.as_str()) {
+        return Err(format!(
+            "{name} is not supported for fine-tuning: it is a K80-based VM size (retired K80 \
+             GPUs) that the Azure ML fine-tuning pipeline refuses; pick an NCv3 (V100), \
+             A100 (NC A100 v4, ND A100 v4) or H100 (NC/ND H100 v5) size"
+        ));
+    }
+    let known = || SKUS.iter().map(|s| s.0).collect::<Vec<_>>().join(", ");
+    let (sku, count, gpu_name) = SKUS
+        .iter()
+        .find(|s| s.0.to_lowercase() == full)
+        .ok_or_else(|| format!("unknown Azure VM size {name:?}; known sizes: {}", known()))?;
+    let g = gpu(gpu_name).expect("the SKU table names known GPUs");
+    Ok(Target {
+        name: sku.to_string(),
+        gpus_per_node: *count,
+        ..g
+    })
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2}", bytes as f64 / GIB as f64)
+}
+
+/// The plan as an aligned table, one component per line in GiB (2 decimals).
+pub fn render(plan: &MemoryPlan) -> String {
+    let chosen = if plan.activations == plan.activations_with_recompute
+        && plan.activations != plan.activations_without_recompute
+    {
+        "activations (recompute on)"
+    } else {
+        "activations (recompute off)"
+    };
+    let rows = [
+        ("frozen weights", plan.weights),
+        ("LoRA parameters (fp32)", plan.lora_parameters),
+        ("gradients (fp32, x2)", plan.gradients),
+        ("optimizer state (AdamW)", plan.optimizer_state),
+        (chosen, plan.activations),
+        ("logits and loss", plan.logits_and_loss),
+        ("attention workspace", plan.attention_workspace),
+        ("overhead", plan.overhead),
+    ];
+    let total = ("total", plan.total);
+    let width = rows
+        .iter()
+        .chain([&total])
+        .map(|r| r.0.len())
+        .max()
+        .unwrap_or(0);
+    let numbers: Vec<String> = rows.iter().chain([&total]).map(|r| gib(r.1)).collect();
+    let num_width = numbers.iter().map(String::len).max().unwrap_or(0);
+    let mut out = String::new();
+    let line = |out: &mut String, label: &str, value: &str| {
+        out.push_str(&format!("{label:<width$}  {value:>num_width$} GiB\n"));
+    };
+    for (row, number) in rows.iter().zip(&numbers) {
+        line(&mut out, row.0, number);
+    }
+    out.push_str(&format!("{}\n", "-".repeat(width + 2 + num_width + 4)));
+    line(&mut out, total.0, &numbers[rows.len()]);
+    out.push_str(&format!(
+        "activations with recompute {} GiB, without {} GiB\n",
+        gib(plan.activations_with_recompute),
+        gib(plan.activations_without_recompute)
+    ));
+    out.push_str(&format!(
+        "parameters: {} trainable, {} frozen\n",
+        plan.trainable_parameters, plan.frozen_parameters
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PHI3_MINI_4K: &str = r#"{"architectures": ["Phi3ForCausalLM"], "bos_token_id": 1,
+        "eos_token_id": 32000, "hidden_act": "silu", "hidden_size": 3072,
+        "intermediate_size": 8192, "max_position_embeddings": 4096, "model_type": "phi3",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "original_max_position_embeddings": 4096, "pad_token_id": 32000, "rms_norm_eps": 1e-05,
+        "rope_scaling": null, "rope_theta": 10000.0, "sliding_window": 2047,
+        "tie_word_embeddings": false, "torch_dtype": "bfloat16", "vocab_size": 32064}"#;
+
+    fn phi3_mini() -> Phi3Config {
+        Phi3Config::from_json_str(PHI3_MINI_4K).unwrap()
+    }
+
+    fn input(micro_batch: usize, seq_len: usize, dtype_bytes: usize, recompute: bool) -> PlanInput {
+        PlanInput {
+            model: phi3_mini(),
+            lora: LoraConfig::default(), // r 16 on all four targets
+            micro_batch,
+            seq_len,
+            dtype_bytes,
+            recompute,
+        }
+    }
+
+    fn components(p: &MemoryPlan) -> u64 {
+        p.weights
+            + p.lora_parameters
+            + p.gradients
+            + p.optimizer_state
+            + p.activations
+            + p.logits_and_loss
+            + p.attention_workspace
+            + p.overhead
+    }
+
+    #[test]
+    fn phi3_mini_parameters_and_weights() {
+        let p = estimate(&input(1, 4096, 2, true));
+        assert_eq!(p.frozen_parameters, 3_821_079_552);
+        assert_eq!(p.trainable_parameters, 25_165_824);
+        let rel = (p.weights as f64 - 7.64e9).abs() / 7.64e9;
+        assert!(rel < 0.01, "weights {} bytes", p.weights);
+        assert_eq!(p.lora_parameters, 25_165_824 * 4);
+        assert_eq!(p.gradients, 2 * p.lora_parameters);
+        assert_eq!(p.optimizer_state, 2 * p.lora_parameters);
+        assert_eq!(components(&p), p.total);
+    }
+
+    #[test]
+    fn tied_embeddings_count_the_head_once_and_targets_matter() {
+        let mut i = input(1, 512, 2, true);
+        let untied = estimate(&i).frozen_parameters;
+        i.model.tie_word_embeddings = true;
+        assert_eq!(untied - estimate(&i).frozen_parameters, 32064 * 3072);
+        i.lora.target_modules = vec!["qkv_proj".into()];
+        assert_eq!(estimate(&i).trainable_parameters, 32 * 16 * (3072 + 9216));
+    }
+
+    #[test]
+    fn recompute_keeps_far_less() {
+        for t in [512, 4096] {
+            let p = estimate(&input(1, t, 2, true));
+            assert!(
+                p.activations_with_recompute * 8 < p.activations_without_recompute,
+                "t {t}: {p:?}"
+            );
+            assert_eq!(p.activations, p.activations_with_recompute);
+            let off = estimate(&input(1, t, 2, false));
+            assert_eq!(off.activations, off.activations_without_recompute);
+            assert_eq!(components(&off), off.total);
+        }
+    }
+
+    #[test]
+    fn phi3_mini_fits_an_h100_with_recompute() {
+        let h100 = gpu("H100-80GB").unwrap();
+        let v = verdict(&input(1, 4096, 2, true), h100.memory_per_gpu);
+        assert!(v.fits, "{v:?}");
+        assert_eq!(v.largest_seq_len, Some(4096));
+        assert!(v.largest_micro_batch.unwrap() >= 1);
+        assert_eq!(v.usable_bytes, 80 * GIB - 4 * GIB);
+        assert_eq!(
+            v.needed_bytes,
+            estimate(&input(1, 4096, 2, true)).total + CUDA_CONTEXT_BYTES
+        );
+    }
+
+    #[test]
+    fn a_v100_without_recompute_does_not_fit_batch_8() {
+        let v100 = gpu("V100-16GB").unwrap();
+        assert!(!v100.bf16);
+        let v = verdict(&input(8, 4096, 2, false), v100.memory_per_gpu);
+        assert!(!v.fits);
+        assert!(v.needed_bytes > v.usable_bytes);
+        assert!(v.largest_micro_batch.is_none_or(|b| b < 8), "{v:?}");
+        // With recompute at a shorter length some batch fits, and the answers are exact edges.
+        let i = input(64, 1024, 2, true);
+        let v = verdict(&i, v100.memory_per_gpu);
+        let b = v.largest_micro_batch.expect("batch 1 fits");
+        assert!(b < 64, "{v:?}");
+        let at = |micro_batch, seq_len| {
+            needed(&PlanInput {
+                micro_batch,
+                seq_len,
+                ..i.clone()
+            })
+        };
+        assert!(at(b, 1024) <= v.usable_bytes && at(b + 1, 1024) > v.usable_bytes);
+        // At batch 64 not even 128 tokens fit; at batch 4 some length does.
+        assert_eq!(v.largest_seq_len, None);
+        let v = verdict(
+            &PlanInput {
+                micro_batch: 4,
+                ..i.clone()
+            },
+            v100.memory_per_gpu,
+        );
+        let t = v.largest_seq_len.expect("128 tokens fit");
+        assert_eq!(t % 128, 0);
+        assert!(t < 4096, "{v:?}");
+        assert!(at(4, t) <= v.usable_bytes && at(4, t + 128) > v.usable_bytes);
+    }
+
+    #[test]
+    fn device_overhead_is_added_once() {
+        let p = estimate(&input(2, 1024, 2, true));
+        let d = with_device_overhead(&p);
+        assert_eq!(d.total, p.total + CUDA_CONTEXT_BYTES);
+        assert_eq!(d.overhead, p.overhead + CUDA_CONTEXT_BYTES);
+        assert_eq!(components(&d), d.total);
+        assert_eq!(CUDA_CONTEXT_BYTES, 300 * 1024 * 1024);
+    }
+
+    #[test]
+    fn f32_costs_more_than_bf16() {
+        let bf16 = estimate(&input(1, 1024, 2, true));
+        let f32 = estimate(&input(1, 1024, 4, true));
+        assert_eq!(f32.weights, 2 * bf16.weights);
+        assert_eq!(f32.lora_parameters, bf16.lora_parameters);
+        assert!(f32.total > bf16.total);
+    }
+
+    #[test]
+    fn gpu_names() {
+        assert_eq!(gpu("h100").unwrap(), gpu("H100-80GB").unwrap());
+        assert_eq!(gpu("NVIDIA H100 80GB").unwrap().name, "H100-80GB");
+        assert_eq!(gpu("H100-NVL").unwrap().memory_per_gpu, 94 * GIB);
+        assert_eq!(gpu("h100-94gb").unwrap().name, "H100-94GB");
+        assert_eq!(gpu("A100-40GB").unwrap().memory_per_gpu, 40 * GIB);
+        assert_eq!(gpu("a100_80gb").unwrap().memory_per_gpu, 80 * GIB);
+        assert_eq!(gpu("V100-32GB").unwrap().memory_per_gpu, 32 * GIB);
+        assert_eq!(gpu("A10").unwrap().memory_per_gpu, 24 * GIB);
+        assert_eq!(gpu("H200").unwrap().memory_per_gpu, 141 * GIB);
+        assert!(gpu("A100").unwrap_err().contains("A100-80GB"));
+        for (smi, name) in [
+            ("NVIDIA H100 80GB HBM3", "H100-80GB"),
+            ("NVIDIA H100 NVL", "H100-94GB"),
+            ("NVIDIA A100-SXM4-40GB", "A100-40GB"),
+            ("NVIDIA A100 80GB PCIe", "A100-80GB"),
+            ("Tesla V100-SXM2-16GB", "V100-16GB"),
+            ("NVIDIA A10G", "A10"),
+            ("NVIDIA H200", "H200"),
+        ] {
+            assert_eq!(gpu(smi).unwrap().name, name, "{smi}");
+        }
+        let err = gpu("K80").unwrap_err();
+        assert!(
+            err.contains("H100-80GB") && err.contains("V100-16GB"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn azure_sizes() {
+        let err = azure_sku("Standard_NC6").unwrap_err();
+        assert!(
+            err.contains("K80") && err.contains("not supported"),
+            "{err}"
+        );
+        for retired in ["nc12", "STANDARD_NC24", "Standard_NC24r"] {
+            assert!(azure_sku(retired).unwrap_err().contains("K80"));
+        }
+        let t = azure_sku("nc24rs_v3").unwrap();
+        assert_eq!(
+            (t.name.as_str(), t.gpus_per_node, t.memory_per_gpu, t.bf16),
+            ("Standard_NC24rs_v3", 4, 16 * GIB, false)
+        );
+        let t = azure_sku("standard_nd96isr_h100_v5").unwrap();
+        assert_eq!(
+            (t.gpus_per_node, t.memory_per_gpu, t.bf16),
+            (8, 80 * GIB, true)
+        );
+        assert_eq!(azure_sku("ND96asr_v4").unwrap().memory_per_gpu, 40 * GIB);
+        assert_eq!(
+            azure_sku("NC40ads_H100_v5").unwrap().memory_per_gpu,
+            94 * GIB
+        );
+        let err = azure_sku("Standard_D4s_v3").unwrap_err();
+        assert!(
+            err.contains("Standard_NC24ads_A100_v4") && err.contains("Standard_ND96isr_H100_v5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn render_is_an_aligned_table() {
+        let p = with_device_overhead(&estimate(&input(1, 4096, 2, true)));
+        let text = render(&p);
+        assert!(text.contains("activations (recompute on)"), "{text}");
+        assert!(text.contains(&format!("{:.2} GiB", p.total as f64 / GIB as f64)));
+        let ends: Vec<usize> = text
+            .lines()
+            .filter(|l| l.ends_with(" GiB") && !l.starts_with("activations with"))
+            .map(|l| l.len())
+            .collect();
+        assert_eq!(ends.len(), 9);
+        assert!(ends.iter().all(|&e| e == ends[0]), "{text}");
+        println!("{text}");
+        let off = render(&estimate(&input(1, 4096, 2, false)));
+        assert!(off.contains("activations (recompute off)"));
+        println!("{off}");
+    }
+}
