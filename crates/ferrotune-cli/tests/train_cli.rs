@@ -21,21 +21,27 @@ fn ferrotune() -> Command {
     cmd
 }
 
-/// A small run: 12 optimizer steps over the sample's first 480 rows at batch 8.
+/// A small run: 12 optimizer steps at batch 4 on the bundled sample; `extra` lines replace
+/// the base lines with the same key.
 fn config(dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("train.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "model: {model}\ntrain_file_path: {data}\nvalidation_file_path: {data}\n\
+    let base = format!(
+        "model: {model}\ntrain_file_path: {data}\nvalidation_file_path: {data}\n\
              max_steps: 12\nper_device_train_batch_size: 4\nlearning_rate: 5.0e-3\n\
              lr_scheduler_type: cosine\nwarmup_steps: 2\nlogging_steps: 3\neval_steps: 6\n\
-             save_steps: 4\nsave_total_limit: 2\nprecision: fp32\ndevice: cpu\noutput_dir: out\n{extra}",
-            model = fixtures().join("models/tiny_phi3_chat").display(),
-            data = fixtures().join("ultrachat_sample/jsonl").display(),
-        ),
-    )
-    .unwrap();
+             save_steps: 4\nsave_total_limit: 2\nprecision: fp32\ndevice: cpu\noutput_dir: out\n",
+        model = fixtures().join("models/tiny_phi3_chat").display(),
+        data = fixtures().join("ultrachat_sample/jsonl").display(),
+    );
+    let key = |l: &str| l.split(':').next().unwrap_or("").trim().to_string();
+    let overridden: Vec<String> = extra.lines().map(key).collect();
+    let mut text: String = base
+        .lines()
+        .filter(|l| !overridden.contains(&key(l)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str(extra);
+    std::fs::write(&path, text).unwrap();
     path
 }
 
@@ -168,6 +174,7 @@ fn an_unreachable_tracking_server_never_stops_training() {
         .arg("--config")
         .arg(&cfg)
         .env("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+        .env("FERROTUNE_MLFLOW_FLUSH_S", "2")
         .assert()
         .success()
         .stderr(contains("MLflow"))
@@ -194,7 +201,7 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_the_run() {
         .arg(&cfg)
         .env_remove("MLFLOW_TRACKING_URI")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let metrics = tmp.path().join("out/metrics.jsonl");
@@ -216,11 +223,14 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_the_run() {
         .filter(|n| n.starts_with("checkpoint-"))
         .collect();
     assert_eq!(ckpt.len(), 1, "{ckpt:?}");
+    let stopped: u64 = ckpt[0].trim_start_matches("checkpoint-").parse().unwrap();
+    // max_steps may change on resume (it does not change the numbers of the steps made).
     let out = ferrotune()
         .arg("train")
         .arg("--config")
         .arg(&cfg)
-        .args(["--resume", "auto", "--set", "max_steps=400", "--json"])
+        .args(["--resume", "auto", "--json", "--set"])
+        .arg(format!("max_steps={}", stopped + 5))
         .output()
         .unwrap();
     assert!(
@@ -229,5 +239,6 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_the_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["summary"]["steps"], 400);
+    assert_eq!(v["summary"]["steps"], stopped + 5);
+    assert_eq!(v["summary"]["finish"], "completed");
 }

@@ -12,8 +12,15 @@ use ferrotune_mlflow::{Metric, TrackingClient};
 use ferrotune_train::metrics::Record;
 use ferrotune_train::{Observer, TrainConfig};
 
-/// How long the end of a run waits for an unreachable server.
-const FLUSH_DEADLINE: Duration = Duration::from_secs(20);
+/// How long the end of a run waits for an unreachable server (`FERROTUNE_MLFLOW_FLUSH_S`).
+fn flush_deadline() -> Duration {
+    let seconds = std::env::var("FERROTUNE_MLFLOW_FLUSH_S")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .unwrap_or(20.0);
+    Duration::from_secs_f64(seconds)
+}
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -275,7 +282,7 @@ impl Worker {
     }
 
     fn finish(mut self, status: &'static str, artifacts: Vec<(String, PathBuf)>) {
-        let deadline = Instant::now() + FLUSH_DEADLINE;
+        let deadline = Instant::now() + flush_deadline();
         loop {
             self.deliver();
             let done = self.disabled || (self.run.is_some() && self.pending.is_empty());
