@@ -31,6 +31,35 @@ pub const SAMPLE_JSONL: [(&str, &[u8]); 2] = [
     ),
 ];
 
+/// The base model of the embedded default (scripts/make_tiny_base_model.py): a tiny Phi-3 that
+/// knows the sample's facts as plain text but not the chat format.
+pub const BASE_MODEL: [(&str, &[u8]); 6] = [
+    (
+        "config.json",
+        include_bytes!("../../../fixtures/models/tiny_phi3_base/config.json"),
+    ),
+    (
+        "generation_config.json",
+        include_bytes!("../../../fixtures/models/tiny_phi3_base/generation_config.json"),
+    ),
+    (
+        "model.safetensors",
+        include_bytes!("../../../fixtures/models/tiny_phi3_base/model.safetensors"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../../../fixtures/models/tiny_phi3_base/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../../fixtures/models/tiny_phi3_base/tokenizer_config.json"),
+    ),
+    (
+        "special_tokens_map.json",
+        include_bytes!("../../../fixtures/models/tiny_phi3_base/special_tokens_map.json"),
+    ),
+];
+
 /// The Python reference for `bench data`.
 pub const BENCH_DATA_REFERENCE: &str = include_str!("../../../scripts/bench_data_reference.py");
 

@@ -104,6 +104,9 @@ pub struct RunArgs {
     /// Pipeline config (YAML); without it the embedded default runs.
     #[arg(long, env = "FERROTUNE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Override one key of the embedded training recipe (repeatable): --set num_train_epochs=1.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -315,17 +315,23 @@ impl Phi3 {
                 .detach();
         }
         // Head: norm, projection, loss; its gradient w.r.t. the last hidden state starts the chain.
-        let h = Var::from_tensor(&x)?;
-        let logits =
-            self.lm_head
-                .forward(&rms_norm(h.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?)?;
-        let loss = crate::loss::causal_lm_loss_sum(&logits, labels)?;
-        let loss_value = loss.sum.to_scalar::<f32>()?;
-        let head_grads = loss.sum.affine(scale, 0.0)?.backward()?;
-        let mut grad = head_grads
-            .get(h.as_tensor())
-            .cloned()
-            .unwrap_or(h.as_tensor().zeros_like()?);
+        // Scoped so the logits, their graph and the head's gradients are freed before the
+        // layers' backward starts (at 4k tokens they are gigabytes).
+        let (loss_value, tokens, mut grad) = {
+            let h = Var::from_tensor(&x)?;
+            let logits = self.lm_head.forward(&rms_norm(
+                h.as_tensor(),
+                &self.norm,
+                self.cfg.rms_norm_eps,
+            )?)?;
+            let loss = crate::loss::causal_lm_loss_sum(&logits, labels)?;
+            let head_grads = loss.sum.affine(scale, 0.0)?.backward()?;
+            let grad = match head_grads.get(h.as_tensor()) {
+                Some(g) => g.clone(),
+                None => h.as_tensor().zeros_like()?,
+            };
+            (loss.sum.to_scalar::<f32>()?, loss.tokens, grad)
+        };
         let vars = self.trainable_vars();
         let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
         for (l, layer) in self.layers.iter().enumerate().rev() {
@@ -350,7 +356,7 @@ impl Phi3 {
             .zip(&vars)
             .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<Result<Vec<_>>>()?;
-        Ok((loss_value, loss.tokens, grads))
+        Ok((loss_value, tokens, grads))
     }
 
     /// Logits `[b, t, vocab]` (in f32).

@@ -11,8 +11,17 @@ use ferrotune_train::trainer::Silent;
 
 #[test]
 fn ten_steps_match_transformers_trainer_with_peft() {
+    check_against_reference(&[]);
+}
+
+#[test]
+fn with_per_layer_recompute_the_steps_still_match() {
+    check_against_reference(&["gradient_checkpointing=true"]);
+}
+
+fn check_against_reference(sets: &[&str]) {
     let out = tempfile::tempdir().unwrap();
-    let cfg = reference_config(out.path(), &[]);
+    let cfg = reference_config(out.path(), sets);
     let (mut model, lora) = model_with_adapter(DType::F32);
     let data = reference_data();
     let summary =

@@ -84,3 +84,45 @@ fn read_messages(file: &Path) -> Result<Vec<Message>, Failure> {
         ))
     })
 }
+
+/// Greedy answers of `model` (loaded from `dir`) to single-turn chat questions, in one batch.
+pub fn chat_answers(
+    model: &ferrotune_model::Phi3,
+    dir: &Path,
+    stop_ids: &[u32],
+    questions: &[&str],
+    max_new_tokens: usize,
+) -> Result<Vec<String>, Failure> {
+    let tokenizer = Tokenizer::load(dir)?;
+    let template = ChatTemplate::from_tokenizer_dir(dir, SpecialTokens::from_tokenizer_dir(dir)?)?;
+    let mut prompts = Vec::new();
+    for q in questions {
+        let messages = [Message {
+            role: ferrotune_data::Role::User,
+            content: q.to_string(),
+        }];
+        let text = template
+            .render(&messages, true)
+            .map_err(|e| Failure::runtime(format!("chat template: {e}")))?;
+        prompts.push(
+            tokenizer
+                .encode(&text)
+                .map_err(|e| Failure::runtime(format!("tokenizing: {e}")))?
+                .ids,
+        );
+    }
+    let sampling = Sampling {
+        max_new_tokens,
+        stop_ids: stop_ids.to_vec(),
+        ..Default::default()
+    };
+    generate(model, &prompts, &sampling)?
+        .iter()
+        .map(|ids| {
+            tokenizer
+                .decode_text(ids)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| Failure::runtime(format!("decoding: {e}")))
+        })
+        .collect()
+}

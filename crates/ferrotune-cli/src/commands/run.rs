@@ -1,27 +1,65 @@
-//! `ferrotune run`: the whole pipeline. Without --config it runs on the bundled sample and
-//! tokenizer; today the pipeline is data preparation (training, export, serving join it as they
-//! land).
+//! `ferrotune run`: the whole pipeline. Without --config it runs on the bundled tiny base model
+//! (Phi-3 vocabulary, pre-trained on plain text, never shown the chat format) and the bundled
+//! ultrachat sample: prepare → train LoRA → evaluate → ask it questions before and after.
+//! Export, register, serve and invoke join as they land.
 
 use std::path::Path;
 
 use ferrotune_data::{OnBadRow, PrepareOptions};
+use ferrotune_model::loaded::load_model;
+use ferrotune_train::{Finish, TrainConfig};
 use serde_json::json;
+use serde_yaml_ng::Value;
 
 use crate::assets;
 use crate::cli::RunArgs;
-use crate::commands::data::{run_prepare, stats_text};
+use crate::commands::data::run_prepare;
+use crate::commands::generate::chat_answers;
+use crate::commands::train::{report, train};
 use crate::failure::Failure;
+
+/// The embedded training recipe (paths are filled in; `--set` overrides any key).
+const DEFAULT_TRAIN: &str = "\
+num_train_epochs: 3
+per_device_train_batch_size: 8
+gradient_accumulation_steps: 1
+learning_rate: 1.0e-2
+lr_scheduler_type: cosine
+warmup_ratio: 0.05
+weight_decay: 0.0
+lora_r: 16
+lora_alpha: 32
+lora_dropout: 0.0
+max_seq_length: 512
+logging_steps: 10
+eval_steps: 60
+save_steps: 60
+save_total_limit: 2
+seed: 42
+precision: fp32
+device: cpu
+experiment_name: ferrotune_run
+";
+
+/// Questions asked before and after fine-tuning (from the sample's held-out split's kinds).
+const QUESTIONS: [&str; 4] = [
+    "What is the capital of Peru?",
+    "Which city is the capital of Japan?",
+    "Reverse the word 'river'.",
+    "What is 12 + 30?",
+];
 
 pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
     if let Some(config) = &args.config {
         return Err(Failure::usage(format!(
-            "--config {}: pipeline configs arrive with `ferrotune train` ([train]); run without --config for the embedded default",
+            "--config {}: pipeline configs arrive with export and serving; use `ferrotune train --config` for a training config, or run without --config for the embedded default",
             config.display()
         )));
     }
     let work = &args.workdir;
     let tokenizer = work.join("assets/tokenizer");
     let sample = work.join("assets/ultrachat_sample");
+    let model_dir = work.join("assets/model");
     let written = |e: std::io::Error| {
         Failure::runtime(format!(
             "writing bundled assets under {}: {e}",
@@ -30,49 +68,98 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
     };
     assets::materialise(&tokenizer, &assets::TOKENIZER).map_err(written)?;
     assets::materialise(&sample, &assets::SAMPLE_JSONL).map_err(written)?;
+    assets::materialise(&model_dir, &assets::BASE_MODEL).map_err(written)?;
 
-    let mut report = Vec::new();
+    // 1. Data.
     for (split, name) in [("train_sft", "train"), ("test_sft", "validation")] {
-        let out = work.join("data").join(name);
         let opts = PrepareOptions {
             input: sample.clone(),
             split: Some(split.to_string()),
             tokenizer: tokenizer.clone(),
-            out: out.clone(),
+            out: work.join("data").join(name),
             split_pc: None,
-            max_seq_length: 4096,
+            max_seq_length: 512,
             pack: false,
             on_bad_row: OnBadRow::Skip,
             force: false,
         };
         let outcome = run_prepare(&opts, !json)?;
-        let hit = matches!(outcome, ferrotune_data::Outcome::CacheHit(_));
         tracing::info!(
-            "{name}: {} ({split})",
-            if hit { "cache hit" } else { "prepared" }
+            "data {name} ({split}): {}",
+            match outcome {
+                ferrotune_data::Outcome::CacheHit(_) => "cache hit",
+                ferrotune_data::Outcome::Built(_) => "prepared",
+            }
         );
-        report.push((name, out, hit, outcome.manifest().clone()));
     }
+
+    // 2. Train (resuming a killed run; a finished one is only reported).
+    let Value::Mapping(mut map) =
+        serde_yaml_ng::from_str::<Value>(DEFAULT_TRAIN).expect("the embedded recipe is valid YAML")
+    else {
+        unreachable!("the embedded recipe is a mapping")
+    };
+    let path = |p: &Path| Value::String(p.display().to_string());
+    map.insert("model".into(), path(&model_dir));
+    map.insert("train_file_path".into(), path(&work.join("data/train")));
+    map.insert(
+        "validation_file_path".into(),
+        path(&work.join("data/validation")),
+    );
+    map.insert("output_dir".into(), path(&work.join("train")));
+    let cfg = TrainConfig::from_value(map, &args.sets, "ferrotune run (embedded recipe)")?;
+    let before = answers(&model_dir, None)?;
+    let summary = train(&cfg, Some("auto"), !json, &mut Vec::new())?;
+    if summary.finish == Finish::Interrupted {
+        report(&cfg, &summary, json);
+        return Err(Failure {
+            code: Failure::INTERRUPTED,
+            message: format!(
+                "interrupted at step {}; run `ferrotune run` again to continue",
+                summary.steps
+            ),
+        });
+    }
+    let after = answers(&model_dir, summary.adapter.as_deref())?;
+
     if json {
-        let stages: Vec<_> = report
+        let qa: Vec<_> = QUESTIONS
             .iter()
-            .map(|(name, out, hit, m)| json!({"stage": "data", "split": name, "out": out, "cache_hit": hit, "stats": m.stats}))
+            .zip(before.iter().zip(&after))
+            .map(|(q, (b, a))| json!({"question": q, "base": b, "fine_tuned": a}))
             .collect();
-        println!("{}", json!({"workdir": work, "stages": stages}));
-    } else {
-        println!("ferrotune run (embedded default) in {}", display(work));
-        for (name, out, _, m) in &report {
-            println!("\n[{name}]");
-            print!("{}", stats_text(out, m));
-        }
         println!(
-            "\nnext: `ferrotune data inspect --data {} --row 0` shows the trained tokens",
-            display(&work.join("data/train"))
+            "{}",
+            json!({"workdir": work, "train": summary, "answers": qa})
         );
+        return Ok(());
     }
+    println!("ferrotune run (embedded default) in {}", work.display());
+    report(&cfg, &summary, false);
+    println!("\nanswers (greedy), base model → fine-tuned:");
+    for (q, (b, a)) in QUESTIONS.iter().zip(before.iter().zip(&after)) {
+        println!("  Q: {q}\n     base:       {b}\n     fine-tuned: {a}");
+    }
+    println!(
+        "\nnext: `ferrotune generate --model {} --adapter {} --messages FILE` to ask it more",
+        model_dir.display(),
+        summary
+            .adapter
+            .as_ref()
+            .map_or_else(|| "?".into(), |a| a.display().to_string())
+    );
     Ok(())
 }
 
-fn display(p: &Path) -> String {
-    p.display().to_string()
+fn answers(model_dir: &Path, adapter: Option<&Path>) -> Result<Vec<String>, Failure> {
+    let device = candle_core::Device::Cpu;
+    let mut loaded = load_model(
+        model_dir.to_str().unwrap_or_default(),
+        candle_core::DType::F32,
+        &device,
+    )?;
+    if let Some(a) = adapter {
+        ferrotune_model::peft::load_adapter(&mut loaded.model, a)?;
+    }
+    chat_answers(&loaded.model, &loaded.dir, &loaded.stop_ids, &QUESTIONS, 24)
 }
