@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make the bundled base model of `ferrotune run`: a tiny Phi-3 (real Phi-3 vocabulary and chat
 tokens, 2 layers, hidden 64) pre-trained in full on the bundled sample's conversations written as
-plain text ("question answer", no chat template, no special tokens).
+plain text ("question answer", no chat template; `<|end|>` closes each text).
 
 It plays the part Phi-3-mini plays in the source document: a base model that knows the facts but
 has never seen the chat format. LoRA fine-tuning on the chat-templated sample is then what makes it
@@ -28,13 +28,16 @@ def main():
     ap.add_argument("--out", default="fixtures/models/tiny_phi3_base")
     ap.add_argument("--tokenizer", default="fixtures/tokenizer/phi3")
     ap.add_argument("--data", default="fixtures/ultrachat_sample/jsonl/train_sft.jsonl")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1000)
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     texts = [plain_text(json.loads(line)["messages"]) for line in open(args.data)]
-    seqs = [[1] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # `<|end|>` closes each text, so the base knows the token that ends an answer (as Phi-3's does);
+    # `<|user|>`/`<|assistant|>` and the template's layout it never sees.
+    end = tok.convert_tokens_to_ids("<|end|>")
+    seqs = [[1] + tok(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]
 
     cfg = Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,

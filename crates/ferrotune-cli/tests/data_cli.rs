@@ -443,7 +443,7 @@ fn missing_inputs_are_usage_errors_not_panics() {
 #[test]
 fn unbuilt_commands_say_so_with_exit_2() {
     ferrotune()
-        .args(["train", "--config", "x.yaml"])
+        .args(["export", "--checkpoint", "x"])
         .assert()
         .code(2)
         .stderr(contains("not yet available"));
@@ -453,29 +453,6 @@ fn unbuilt_commands_say_so_with_exit_2() {
         .code(2)
         .stderr(contains("not yet available"));
     ferrotune().args(["data", "prepare"]).assert().code(2);
-}
-
-#[test]
-fn run_with_no_arguments_prepares_the_bundled_sample_then_hits_the_cache() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = || {
-        let mut cmd = ferrotune();
-        cmd.current_dir(tmp.path()).arg("run");
-        cmd
-    };
-    run()
-        .assert()
-        .success()
-        .stdout(contains("480 read, 480 kept"))
-        .stdout(contains("60 read, 60 kept"));
-    run()
-        .assert()
-        .success()
-        .stderr(contains("train: cache hit"));
-    assert!(tmp
-        .path()
-        .join("ferrotune-run/data/train/manifest.json")
-        .is_file());
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use ferrotune_data::{OnBadRow, PrepareOptions};
 use ferrotune_model::loaded::load_model;
+use ferrotune_train::eval::{evaluate, EvalMetrics};
 use ferrotune_train::{Finish, TrainConfig};
 use serde_json::json;
 use serde_yaml_ng::Value;
@@ -71,6 +72,7 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
     assets::materialise(&model_dir, &assets::BASE_MODEL).map_err(written)?;
 
     // 1. Data.
+    let mut data_lines = Vec::new();
     for (split, name) in [("train_sft", "train"), ("test_sft", "validation")] {
         let opts = PrepareOptions {
             input: sample.clone(),
@@ -84,13 +86,19 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
             force: false,
         };
         let outcome = run_prepare(&opts, !json)?;
+        let hit = matches!(outcome, ferrotune_data::Outcome::CacheHit(_));
         tracing::info!(
-            "data {name} ({split}): {}",
-            match outcome {
-                ferrotune_data::Outcome::CacheHit(_) => "cache hit",
-                ferrotune_data::Outcome::Built(_) => "prepared",
-            }
+            "{name}: {} ({split})",
+            if hit { "cache hit" } else { "prepared" }
         );
+        let st = &outcome.manifest().stats;
+        data_lines.push(format!(
+            "  {name:<10} {} conversations, {} tokens ({} trained){}",
+            st.rows_kept,
+            st.tokens,
+            st.trainable_tokens,
+            if hit { ", cache hit" } else { "" }
+        ));
     }
 
     // 2. Train (resuming a killed run; a finished one is only reported).
@@ -108,7 +116,7 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
     );
     map.insert("output_dir".into(), path(&work.join("train")));
     let cfg = TrainConfig::from_value(map, &args.sets, "ferrotune run (embedded recipe)")?;
-    let before = answers(&model_dir, None)?;
+    let (before, base_eval) = answers(&model_dir, None, Some(&work.join("data/validation")))?;
     let summary = train(&cfg, Some("auto"), !json, &mut Vec::new())?;
     if summary.finish == Finish::Interrupted {
         report(&cfg, &summary, json);
@@ -120,7 +128,7 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
             ),
         });
     }
-    let after = answers(&model_dir, summary.adapter.as_deref())?;
+    let (after, _) = answers(&model_dir, summary.adapter.as_deref(), None)?;
 
     if json {
         let qa: Vec<_> = QUESTIONS
@@ -130,11 +138,23 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
             .collect();
         println!(
             "{}",
-            json!({"workdir": work, "train": summary, "answers": qa})
+            json!({"workdir": work, "base_eval": base_eval, "train": summary, "answers": qa})
         );
         return Ok(());
     }
     println!("ferrotune run (embedded default) in {}", work.display());
+    println!("data");
+    for l in &data_lines {
+        println!("{l}");
+    }
+    if let Some(e) = &base_eval {
+        println!(
+            "base model on the validation split: loss {:.4}  perplexity {:.3}  token accuracy {:.1}%",
+            e.loss,
+            e.perplexity,
+            100.0 * e.accuracy
+        );
+    }
     report(&cfg, &summary, false);
     println!("\nanswers (greedy), base model → fine-tuned:");
     for (q, (b, a)) in QUESTIONS.iter().zip(before.iter().zip(&after)) {
@@ -151,7 +171,12 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-fn answers(model_dir: &Path, adapter: Option<&Path>) -> Result<Vec<String>, Failure> {
+/// Greedy answers to [`QUESTIONS`] (and, given prepared data, the eval metrics on it).
+fn answers(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    eval_data: Option<&Path>,
+) -> Result<(Vec<String>, Option<EvalMetrics>), Failure> {
     let device = candle_core::Device::Cpu;
     let mut loaded = load_model(
         model_dir.to_str().unwrap_or_default(),
@@ -161,5 +186,14 @@ fn answers(model_dir: &Path, adapter: Option<&Path>) -> Result<Vec<String>, Fail
     if let Some(a) = adapter {
         ferrotune_model::peft::load_adapter(&mut loaded.model, a)?;
     }
-    chat_answers(&loaded.model, &loaded.dir, &loaded.stop_ids, &QUESTIONS, 24)
+    let metrics = match eval_data {
+        Some(dir) => {
+            let seqs = ferrotune_data::Prepared::open(dir)?.sequences()?;
+            let pad = loaded.model.config().pad_token_id.unwrap_or(0);
+            Some(evaluate(&loaded.model, &seqs, 8, pad)?)
+        }
+        None => None,
+    };
+    let answers = chat_answers(&loaded.model, &loaded.dir, &loaded.stop_ids, &QUESTIONS, 24)?;
+    Ok((answers, metrics))
 }
