@@ -253,25 +253,44 @@ fn run_with_no_arguments_fine_tunes_the_bundled_model_then_resumes_as_done() {
         cmd
     };
     let out = run().output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let base = v["base_eval"]["loss"].as_f64().unwrap();
     let tuned = v["train"]["final_eval"]["loss"].as_f64().unwrap();
     let accuracy = v["train"]["final_eval"]["accuracy"].as_f64().unwrap();
     assert_eq!(v["train"]["finish"], "completed");
-    assert!(tuned < 0.5 * base, "eval loss {base} -> {tuned}: fine-tuning must at least halve it");
+    assert!(
+        tuned < 0.5 * base,
+        "eval loss {base} -> {tuned}: fine-tuning must at least halve it"
+    );
     assert!(accuracy > 0.5, "token accuracy {accuracy}");
     assert_eq!(v["answers"].as_array().unwrap().len(), 4);
     let work = tmp.path().join("ferrotune-run");
-    for f in ["data/train/manifest.json", "data/validation/manifest.json", "train/adapter/adapter_model.safetensors", "train/loss.svg"] {
+    for f in [
+        "data/train/manifest.json",
+        "data/validation/manifest.json",
+        "train/adapter/adapter_model.safetensors",
+        "train/loss.svg",
+    ] {
         assert!(work.join(f).is_file(), "{f} missing");
     }
     // Again: data cache hits, training already complete (nothing retrained).
     let out = run().output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("train: cache hit"), "{stderr}");
     let again: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(again["train"]["steps"], v["train"]["steps"]);
-    assert_eq!(again["train"]["final_eval"]["loss"], v["train"]["final_eval"]["loss"]);
+    assert_eq!(
+        again["train"]["final_eval"]["loss"],
+        v["train"]["final_eval"]["loss"]
+    );
 }

@@ -211,3 +211,50 @@ fn a_non_finite_loss_stops_the_run_and_names_the_last_good_checkpoint() {
     assert!(msg.contains(&format!("step {}", step + 1)), "{msg}");
     assert!(checkpoint::read_state(&good).is_ok());
 }
+
+#[test]
+fn early_stopping_ends_the_run_when_eval_loss_stops_improving() {
+    let out = tempfile::tempdir().unwrap();
+    let cfg = reference_config(out.path(), &["learning_rate=2e-2", "max_steps=30"]);
+    let cfg = ferrotune_train::TrainConfig {
+        validation_file_path: Some("unused".into()),
+        eval_steps: Some(1),
+        early_stopping_patience: Some(2),
+        ..cfg
+    };
+    let (mut model, lora) = model_with_adapter(DType::F32);
+    let mut data = reference_data();
+    // Held-out text unlike the training text (ids mirrored), on which fitting the training
+    // data soon stops helping.
+    let mut held_out = data.train[..6].to_vec();
+    for s in &mut held_out {
+        for id in &mut s.ids {
+            *id = 258 - *id;
+        }
+    }
+    data.validation = Some(held_out);
+    let s = ferrotune_train::train(&cfg, &mut model, &lora, &data, &options(None), &mut Silent)
+        .unwrap();
+    let evals: Vec<f64> = read(&s.metrics)
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Eval(e) => Some(e.eval_loss),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(s.finish, Finish::EarlyStopped, "eval losses {evals:?}");
+    assert!(s.steps < 30);
+    let best = evals.iter().cloned().fold(f64::INFINITY, f64::min);
+    let best_at = evals.iter().position(|&l| l == best).unwrap();
+    assert_eq!(
+        evals.len(),
+        best_at + 1 + 2,
+        "stops after 2 evals without improvement: {evals:?}"
+    );
+    assert!(
+        checkpoint::path_for(out.path(), s.steps).is_dir(),
+        "a checkpoint at the stop"
+    );
+    assert!(s.adapter.is_some());
+}
