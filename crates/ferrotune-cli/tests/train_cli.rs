@@ -294,3 +294,44 @@ fn run_with_no_arguments_fine_tunes_the_bundled_model_then_resumes_as_done() {
         v["train"]["final_eval"]["loss"]
     );
 }
+
+#[test]
+fn plan_gives_a_verdict_for_gpus_and_azure_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let out = ferrotune()
+        .args(["plan", "--json", "--gpu", "H100-80GB", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verdict"]["fits"], true);
+    let total = v["plan"]["total"].as_u64().unwrap();
+    let weights = v["plan"]["weights"].as_u64().unwrap();
+    assert!(total > weights && weights > 0);
+    ferrotune()
+        .args([
+            "plan",
+            "--set",
+            "precision=auto",
+            "--sku",
+            "Standard_NC24s_v3",
+            "--config",
+        ])
+        .arg(&cfg)
+        .assert()
+        .success()
+        .stdout(contains("Standard_NC24s_v3 (4 GPUs"))
+        .stdout(contains("no bf16"));
+    ferrotune()
+        .args(["plan", "--sku", "Standard_NC6", "--config"])
+        .arg(&cfg)
+        .assert()
+        .code(2)
+        .stderr(contains("K80"));
+}
