@@ -38,16 +38,19 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// Exit 2 when the error is the user's to fix (input, config), 1 otherwise.
+    fn classified(usage: bool, message: String) -> Failure {
+        Failure {
+            code: if usage { Self::USAGE } else { Self::RUNTIME },
+            message,
+        }
+    }
+}
+
 impl From<ferrotune_model::ModelError> for Failure {
     fn from(e: ferrotune_model::ModelError) -> Failure {
-        Failure {
-            code: if e.is_usage() {
-                Self::USAGE
-            } else {
-                Self::RUNTIME
-            },
-            message: e.to_string(),
-        }
+        Failure::classified(e.is_usage(), e.to_string())
     }
 }
 
@@ -59,26 +62,12 @@ impl From<candle_core::Error> for Failure {
 
 impl From<DataError> for Failure {
     fn from(e: DataError) -> Failure {
-        Failure {
-            code: if e.is_usage() {
-                Self::USAGE
-            } else {
-                Self::RUNTIME
-            },
-            message: e.to_string(),
-        }
+        Failure::classified(e.is_usage(), e.to_string())
     }
 }
 
 impl From<ferrotune_train::TrainError> for Failure {
     fn from(e: ferrotune_train::TrainError) -> Failure {
-        Failure {
-            code: if e.is_usage() {
-                Self::USAGE
-            } else {
-                Self::RUNTIME
-            },
-            message: e.to_string(),
-        }
+        Failure::classified(e.is_usage(), e.to_string())
     }
 }

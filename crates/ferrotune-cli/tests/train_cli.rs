@@ -21,6 +21,17 @@ fn ferrotune() -> Command {
     cmd
 }
 
+/// Run `cmd`, require success, parse its JSON stdout.
+fn json_ok(cmd: &mut Command) -> Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// A small run: 12 optimizer steps at batch 4 on the bundled sample; `extra` lines replace
 /// the base lines with the same key.
 fn config(dir: &Path, extra: &str) -> PathBuf {
@@ -49,19 +60,13 @@ fn config(dir: &Path, extra: &str) -> PathBuf {
 fn a_run_writes_checkpoints_adapter_metrics_and_plot() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), "");
-    let out = ferrotune()
-        .arg("train")
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = json_ok(
+        ferrotune()
+            .arg("train")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--json"),
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = &v["summary"];
     assert_eq!(s["finish"], "completed");
     assert_eq!(s["steps"], 12);
@@ -225,20 +230,14 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_the_run() {
     assert_eq!(ckpt.len(), 1, "{ckpt:?}");
     let stopped: u64 = ckpt[0].trim_start_matches("checkpoint-").parse().unwrap();
     // max_steps may change on resume (it does not change the numbers of the steps made).
-    let out = ferrotune()
-        .arg("train")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--resume", "auto", "--json", "--set"])
-        .arg(format!("max_steps={}", stopped + 5))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = json_ok(
+        ferrotune()
+            .arg("train")
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--resume", "auto", "--json", "--set"])
+            .arg(format!("max_steps={}", stopped + 5)),
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["summary"]["steps"], stopped + 5);
     assert_eq!(v["summary"]["finish"], "completed");
 }
@@ -299,17 +298,11 @@ fn run_with_no_arguments_fine_tunes_the_bundled_model_then_resumes_as_done() {
 fn plan_gives_a_verdict_for_gpus_and_azure_sizes() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), "");
-    let out = ferrotune()
-        .args(["plan", "--json", "--gpu", "H100-80GB", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = json_ok(
+        ferrotune()
+            .args(["plan", "--json", "--gpu", "H100-80GB", "--config"])
+            .arg(&cfg),
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["verdict"]["fits"], true);
     let total = v["plan"]["total"].as_u64().unwrap();
     let weights = v["plan"]["weights"].as_u64().unwrap();

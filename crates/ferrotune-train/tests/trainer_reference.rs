@@ -95,21 +95,8 @@ fn check_against_reference(sets: &[&str]) {
             .get(&key)
             .or_else(|| ours.get(name))
             .unwrap_or_else(|| panic!("{name} missing"));
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(got - want).unwrap());
+        let scale = max_abs(want);
         worst = worst.max(diff / scale);
     }
     eprintln!("final adapter: worst relative difference {worst:.2e}");

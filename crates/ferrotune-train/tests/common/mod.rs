@@ -96,3 +96,13 @@ pub fn options(resume: Option<PathBuf>) -> RunOptions {
         initial_loss_scale: 65536.0,
     }
 }
+
+/// Largest absolute value of a tensor.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
