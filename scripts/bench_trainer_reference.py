@@ -190,7 +190,7 @@ def load_settings(args):
     if s["precision"] not in ("auto", "fp32", "float32", "f32"):
         sys.exit(f"precision {s['precision']}: this reference trains float32 on the CPU, as ferrotune "
                  "does with precision auto/fp32 there; compare with an fp32 run")
-    if not s["device"] in ("auto", "cpu"):
+    if s["device"] not in ("auto", "cpu"):
         print(f"note: config device {s['device']!r}; this reference runs on the CPU", flush=True)
     bad = [t for t in s["targets"] if t not in ALL_TARGETS]
     if bad or not s["targets"]:
