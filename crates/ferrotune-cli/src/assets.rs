@@ -63,6 +63,10 @@ pub const BASE_MODEL: [(&str, &[u8]); 6] = [
 /// The Python reference for `bench data`.
 pub const BENCH_DATA_REFERENCE: &str = include_str!("../../../scripts/bench_data_reference.py");
 
+/// The Trainer + PEFT reference for `bench train --config`.
+pub const BENCH_TRAINER_REFERENCE: &str =
+    include_str!("../../../scripts/bench_trainer_reference.py");
+
 /// The PyTorch reference for `bench train`.
 pub const BENCH_TRAIN_REFERENCE: &str = include_str!("../../../scripts/bench_train_reference.py");
 

@@ -304,4 +304,11 @@ pub struct BenchTrainArgs {
     /// Skip the PyTorch reference.
     #[arg(long)]
     pub no_reference: bool,
+    /// Benchmark a whole training run instead: `ferrotune train` on this config against
+    /// transformers' Trainer + PEFT on the same prepared data (scripts/bench_trainer_reference.py).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Override one key of --config (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
+    pub sets: Vec<String>,
 }

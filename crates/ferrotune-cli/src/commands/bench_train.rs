@@ -26,6 +26,9 @@ struct Reference {
 }
 
 pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
+    if let Some(config) = &args.config {
+        return crate::commands::bench_trainer::run(config, args, json_out);
+    }
     if args.steps == 0 || args.seq < 2 || !args.heads.is_multiple_of(args.kv_heads.max(1)) {
         return Err(Failure::usage(
             "--steps ≥ 1, --seq ≥ 2 and --kv-heads dividing --heads are needed",
@@ -189,7 +192,7 @@ fn run_reference(a: &BenchTrainArgs) -> Result<Reference, Failure> {
 }
 
 /// Peak resident set of this process (VmHWM), bytes.
-fn peak_rss_bytes() -> u64 {
+pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

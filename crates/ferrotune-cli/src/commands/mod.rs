@@ -1,5 +1,6 @@
 pub mod bench_data;
 pub mod bench_train;
+pub mod bench_trainer;
 pub mod data;
 pub mod eval;
 pub mod generate;
