@@ -328,3 +328,33 @@ fn plan_gives_a_verdict_for_gpus_and_azure_sizes() {
         .code(2)
         .stderr(contains("K80"));
 }
+
+#[test]
+fn packed_data_trains_from_raw_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        "pack: true\nmax_seq_length: 256\nmax_steps: 3\neval_steps: 3\n",
+    );
+    let v = json_ok(
+        ferrotune()
+            .arg("train")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--json"),
+    );
+    assert_eq!(v["summary"]["steps"], 3);
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("out/data/train/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["options"]["pack"], true);
+    assert!(
+        manifest["stats"]["sequences"].as_u64().unwrap()
+            < manifest["stats"]["rows_kept"].as_u64().unwrap()
+    );
+    assert!(v["summary"]["final_eval"]["loss"]
+        .as_f64()
+        .unwrap()
+        .is_finite());
+}

@@ -251,3 +251,26 @@ fn early_stopping_ends_the_run_when_eval_loss_stops_improving() {
     );
     assert!(s.adapter.is_some());
 }
+
+#[test]
+fn a_packed_sequence_scores_like_its_documents_apart() {
+    let (model, _) = model_with_adapter(DType::F32);
+    let data = reference_data();
+    let (a, b) = (&data.train[0], &data.train[1]);
+    let mut first_of_b = b.trainable.clone();
+    first_of_b[0] = false; // never a target across the boundary
+    let packed = ferrotune_data::TrainingSequence {
+        ids: [a.ids.clone(), b.ids.clone()].concat(),
+        trainable: [a.trainable.clone(), first_of_b].concat(),
+        doc_lengths: vec![a.ids.len(), b.ids.len()],
+    };
+    let apart = ferrotune_train::eval::evaluate(&model, &[a.clone(), b.clone()], 2, 0).unwrap();
+    let together = ferrotune_train::eval::evaluate(&model, &[packed], 1, 0).unwrap();
+    assert_eq!(apart.tokens, together.tokens);
+    let (x, y) = (
+        apart.loss * apart.tokens as f64,
+        together.loss * together.tokens as f64,
+    );
+    assert!((x - y).abs() <= 1e-5 * x.abs(), "apart {x} vs packed {y}");
+    assert_eq!(apart.accuracy, together.accuracy);
+}
