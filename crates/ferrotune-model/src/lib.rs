@@ -7,6 +7,7 @@ mod cpu_rows;
 pub mod error;
 pub mod frozen_linear;
 pub mod generate;
+mod head_loss;
 pub mod loaded;
 pub mod lora;
 pub mod loss;

@@ -22,6 +22,32 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<LossSu
     composed_loss_sum(logits, labels)
 }
 
+/// Loss of `hidden` `[b, t, h]` (after the final norm) under the frozen output head `weight`
+/// `[vocab, h]`: on the CPU in f32 one fused op that never holds the full logits (see
+/// `head_loss`); elsewhere the head's matmul and [`causal_lm_loss_sum`].
+pub fn head_loss_sum(hidden: &Tensor, weight: &Tensor, labels: &[Vec<i64>]) -> Result<LossSum> {
+    let (b, t, h) = hidden.dims3()?;
+    let v = weight.dim(0)?;
+    if hidden.device().is_cpu() && hidden.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        let targets = shifted_targets(labels, b, t, v)?;
+        let tokens = targets.iter().filter(|x| x.is_some()).count();
+        let per_row =
+            hidden
+                .reshape((b * t, h))?
+                .contiguous()?
+                .apply_op1(crate::head_loss::HeadLoss {
+                    weight: weight.clone(),
+                    targets: targets.into(),
+                })?;
+        return Ok(LossSum {
+            sum: per_row.sum_all()?,
+            tokens,
+        });
+    }
+    let logits = crate::frozen_linear::FrozenMatmul::new(weight.clone()).forward(hidden)?;
+    causal_lm_loss_sum(&logits, labels)
+}
+
 /// Shifted targets per row of the flattened `[b·t]` logits: row `r·t + i` predicts
 /// `labels[r][i + 1]`; the last position of each row and -100 labels are ignored (`None`).
 fn shifted_targets(labels: &[Vec<i64>], b: usize, t: usize, v: usize) -> Result<Vec<Option<u32>>> {

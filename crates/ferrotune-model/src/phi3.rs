@@ -319,12 +319,8 @@ impl Phi3 {
         // layers' backward starts (at 4k tokens they are gigabytes).
         let (loss_value, tokens, mut grad) = {
             let h = Var::from_tensor(&x)?;
-            let logits = self.lm_head.forward(&rms_norm(
-                h.as_tensor(),
-                &self.norm,
-                self.cfg.rms_norm_eps,
-            )?)?;
-            let loss = crate::loss::causal_lm_loss_sum(&logits, labels)?;
+            let normed = rms_norm(h.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?;
+            let loss = crate::loss::head_loss_sum(&normed, self.lm_head.weight(), labels)?;
             let head_grads = loss.sum.affine(scale, 0.0)?.backward()?;
             let grad = match head_grads.get(h.as_tensor()) {
                 Some(g) => g.clone(),
@@ -357,6 +353,21 @@ impl Phi3 {
             .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<Result<Vec<_>>>()?;
         Ok((loss_value, tokens, grads))
+    }
+
+    /// Summed token cross-entropy of `batch` against `labels` `[b][t]` (differentiable w.r.t.
+    /// the LoRA pairs), without materialising the full logits on the CPU.
+    pub fn loss_sum(
+        &self,
+        batch: &Batch,
+        labels: &[Vec<i64>],
+        train: bool,
+    ) -> Result<crate::loss::LossSum> {
+        crate::loss::head_loss_sum(
+            &self.hidden_states(batch, train)?,
+            self.lm_head.weight(),
+            labels,
+        )
     }
 
     /// Logits `[b, t, vocab]` (in f32).

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use ferrotune_data::TrainingSequence;
-use ferrotune_model::loss::causal_lm_loss_sum;
 use ferrotune_model::rng::derive;
 use ferrotune_model::{peft, LoraConfig, Phi3};
 use serde::{Deserialize, Serialize};
@@ -497,8 +496,7 @@ fn micro_step(
         let (sum, _, grads) = model.loss_and_grads_recompute(&mb.batch, &mb.labels, scale)?;
         return Ok((sum, grads));
     }
-    let logits = model.logits(&mb.batch, true)?;
-    let loss = causal_lm_loss_sum(&logits, &mb.labels)?;
+    let loss = model.loss_sum(&mb.batch, &mb.labels, true)?;
     let sum = loss.sum.to_scalar::<f32>()?;
     let store = loss.sum.affine(scale, 0.0)?.backward()?;
     let grads = vars
