@@ -5,7 +5,6 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use ferrotune_model::loss::causal_lm_loss;
 use ferrotune_model::mask::AttentionLayout;
 use ferrotune_model::random_weights::RandomWeights;
 use ferrotune_model::{Batch, LoraConfig, Phi3, Phi3Config};
@@ -76,8 +75,8 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
             let (_, n, grads) = model.loss_and_grads_recompute(&batch, &labels, 1.0)?;
             drop((n, grads));
         } else {
-            let logits = model.logits(&batch, true)?;
-            let grads = causal_lm_loss(&logits, &labels)?.backward()?;
+            let loss = model.loss_sum(&batch, &labels, true)?;
+            let grads = loss.sum.affine(1.0 / loss.tokens.max(1) as f64, 0.0)?.backward()?;
             drop(grads);
         }
         device.synchronize()?;
