@@ -17,6 +17,28 @@ pub(crate) fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<(&
     ))
 }
 
+/// Token cross-entropy of one row of logits: `log Σ exp(row) − row[target]`.
+pub(crate) fn row_nll(row: &[f32], target: u32) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+    sum.ln() + max - row[target as usize]
+}
+
+/// In place: logits → `g · (softmax(row) − onehot(target))`, the gradient of `g · row_nll`.
+pub(crate) fn row_nll_grad_in_place(row: &mut [f32], target: u32, g: f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let scale = g / sum;
+    for x in row.iter_mut() {
+        *x *= scale;
+    }
+    row[target as usize] -= g;
+}
+
 #[cfg(test)]
 pub(crate) mod check {
     use candle_core::{Device, Result, Tensor, Var};

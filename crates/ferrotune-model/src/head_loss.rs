@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_rows::f32_rows;
+use crate::cpu_rows::{f32_rows, row_nll, row_nll_grad_in_place};
 
 /// Rows projected at once: bounds the transient logits to `CHUNK · vocab` floats.
 const CHUNK: usize = 256;
@@ -59,11 +59,7 @@ impl CustomOp1 for HeadLoss {
             let losses: Vec<f32> = logits
                 .par_chunks(v)
                 .zip(rows.par_iter())
-                .map(|(row, &(_, t))| {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-                    sum.ln() + max - row[t as usize]
-                })
+                .map(|(row, &(_, t))| row_nll(row, t))
                 .collect();
             for (&(r, _), l) in rows.iter().zip(losses) {
                 out[r] = l;
@@ -83,19 +79,7 @@ impl CustomOp1 for HeadLoss {
             let mut p = self.logits(&hidden, h, rows)?;
             p.par_chunks_mut(v)
                 .zip(rows.par_iter())
-                .for_each(|(row, &(r, t))| {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let scale = g[r] / sum;
-                    for x in row.iter_mut() {
-                        *x *= scale;
-                    }
-                    row[t as usize] -= g[r];
-                });
+                .for_each(|(row, &(r, t))| row_nll_grad_in_place(row, t, g[r]));
             let d = Tensor::from_vec(p, (rows.len(), v), &Device::Cpu)?
                 .matmul(&self.weight)?
                 .flatten_all()?

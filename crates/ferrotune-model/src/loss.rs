@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu_rows::f32_rows;
+use crate::cpu_rows::{f32_rows, row_nll, row_nll_grad_in_place};
 
 /// Sum of token cross-entropies and the number of trained tokens, so callers can average over
 /// several micro-batches exactly (`sum / count`, not a mean of means).
@@ -105,14 +105,7 @@ impl CustomOp1 for CrossEntropyRows {
         let out: Vec<f32> = data
             .par_chunks(v)
             .zip(self.targets.par_iter())
-            .map(|(row, target)| match target {
-                None => 0.0,
-                Some(t) => {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-                    sum.ln() + max - row[*t as usize]
-                }
-            })
+            .map(|(row, target)| target.map_or(0.0, |t| row_nll(row, t)))
             .collect();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -157,17 +150,8 @@ impl CustomOp2 for CrossEntropyRowsGrad {
             .zip(self.targets.par_iter().zip(g.par_iter()))
             .for_each(|((dst, row), (target, &gi))| {
                 if let Some(t) = target {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (d, x) in dst.iter_mut().zip(row) {
-                        *d = (x - max).exp();
-                        sum += *d;
-                    }
-                    let scale = gi / sum;
-                    for d in dst.iter_mut() {
-                        *d *= scale;
-                    }
-                    dst[*t as usize] -= gi;
+                    dst.copy_from_slice(row);
+                    row_nll_grad_in_place(dst, *t, gi);
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((n, v))))

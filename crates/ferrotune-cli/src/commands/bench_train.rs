@@ -76,7 +76,10 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
             drop((n, grads));
         } else {
             let loss = model.loss_sum(&batch, &labels, true)?;
-            let grads = loss.sum.affine(1.0 / loss.tokens.max(1) as f64, 0.0)?.backward()?;
+            let grads = loss
+                .sum
+                .affine(1.0 / loss.tokens.max(1) as f64, 0.0)?
+                .backward()?;
             drop(grads);
         }
         device.synchronize()?;
