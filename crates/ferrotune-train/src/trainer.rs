@@ -375,7 +375,7 @@ pub fn train(
         if let Some(val) = &data.validation {
             let due = cfg.eval_steps.is_some_and(|n| step.is_multiple_of(n));
             if due || last {
-                let rec = run_eval(model, val, cfg, &state)?;
+                let rec = run_eval(model, val, cfg, &state, data.pad_id)?;
                 state.eval_loss = Some(rec.eval_loss);
                 if state.best_eval_loss.is_none_or(|b| rec.eval_loss < b) {
                     state.best_eval_loss = Some(rec.eval_loss);
@@ -514,9 +514,10 @@ fn run_eval(
     val: &[TrainingSequence],
     cfg: &TrainConfig,
     state: &TrainerState,
+    pad_id: u32,
 ) -> Result<EvalRecord> {
     let t = Instant::now();
-    let m = evaluate(model, val, cfg.per_device_eval_batch_size, 0)?;
+    let m = evaluate(model, val, cfg.per_device_eval_batch_size, pad_id)?;
     Ok(EvalRecord {
         step: state.global_step,
         epoch: state.epoch,
