@@ -39,6 +39,9 @@ pub struct TrainerState {
     pub seed: u64,
     pub elapsed_s: f64,
     pub ferrotune_version: String,
+    /// Cache key of the training data (empty in checkpoints that predate it).
+    #[serde(default)]
+    pub data_cache_key: String,
 }
 
 /// Tensors and files of one checkpoint.

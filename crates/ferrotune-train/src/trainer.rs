@@ -35,6 +35,8 @@ pub struct RunData {
     pub train: Vec<TrainingSequence>,
     pub validation: Option<Vec<TrainingSequence>>,
     pub pad_id: u32,
+    /// The training data's cache key (`manifest.json`): a resumed run must train on the same.
+    pub cache_key: String,
 }
 
 /// What the caller controls besides the config.
@@ -179,6 +181,7 @@ pub fn train(
         seed: cfg.seed,
         elapsed_s: 0.0,
         ferrotune_version: env!("CARGO_PKG_VERSION").to_string(),
+        data_cache_key: data.cache_key.clone(),
     };
     let mut resumed_optimizer = None;
     if let Some(dir) = &options.resume_from {
@@ -190,6 +193,15 @@ pub fn train(
                     "was written by a run with different training settings (hash {} vs {hash}); resume with the config in its {} or start a new output_dir",
                     saved.training_hash,
                     checkpoint::CONFIG_FILE
+                ),
+            });
+        }
+        if !saved.data_cache_key.is_empty() && saved.data_cache_key != data.cache_key {
+            return Err(TrainError::Checkpoint {
+                path: dir.clone(),
+                message: format!(
+                    "was trained on other data (cache key {} vs {}): the files behind train_file_path changed; restore them or start a new output_dir",
+                    saved.data_cache_key, data.cache_key
                 ),
             });
         }

@@ -274,3 +274,26 @@ fn a_packed_sequence_scores_like_its_documents_apart() {
     assert!((x - y).abs() <= 1e-5 * x.abs(), "apart {x} vs packed {y}");
     assert_eq!(apart.accuracy, together.accuracy);
 }
+
+#[test]
+fn resuming_on_other_data_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let cfg = reference_config(out.path(), &["max_steps=4", "save_steps=2"]);
+    let (mut model, lora) = model_with_adapter(DType::F32);
+    let mut opts = options(None);
+    let mut stop = StopAt(2, opts.stop.clone());
+    let data = reference_data();
+    ferrotune_train::train(&cfg, &mut model, &lora, &data, &opts, &mut stop).unwrap();
+    opts = options(checkpoint::resolve_resume("auto", out.path()).unwrap());
+    let changed = ferrotune_train::RunData {
+        cache_key: "something else".into(),
+        ..reference_data()
+    };
+    let (mut model, lora) = model_with_adapter(DType::F32);
+    let err =
+        ferrotune_train::train(&cfg, &mut model, &lora, &changed, &opts, &mut Silent).unwrap_err();
+    assert!(
+        err.is_usage() && err.to_string().contains("other data"),
+        "{err}"
+    );
+}

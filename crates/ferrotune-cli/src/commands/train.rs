@@ -162,6 +162,7 @@ pub fn train(
         train: train.sequences,
         validation: validation.map(|v| v.sequences),
         pad_id,
+        cache_key: train_key.clone(),
     };
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -58,6 +58,7 @@ pub fn reference_data() -> RunData {
         train,
         validation: None,
         pad_id: v["pad_token_id"].as_u64().unwrap() as u32,
+        cache_key: "hub_mha_trainer/data.json".into(),
     }
 }
 
