@@ -269,9 +269,16 @@ pub struct EvalArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchTrainArgs {
-    /// cpu (CUDA runs come with the GPU checklist).
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// f32, bf16 or f16 for the frozen weights and activations (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// The device's dense peak in TFLOP/s for that dtype, for MFU (default: 989, an H100/H200
+    /// SXM in bf16; CUDA only).
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
     #[arg(long, default_value_t = 2)]

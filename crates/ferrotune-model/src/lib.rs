@@ -4,6 +4,7 @@
 
 pub mod config;
 mod cpu_rows;
+pub mod device_memory;
 pub mod error;
 pub mod frozen_linear;
 pub mod generate;

@@ -2,132 +2,15 @@
 //! (scripts/make_model_fixtures.py), on CPU in f32:
 //! logits max |Δ| ≤ 1e-4, loss relative Δ ≤ 1e-5, every LoRA gradient within 1e-4 (norm-wise).
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use common::{case_dir, l2, load, max_abs, max_diff, Case, CASES};
 use ferrotune_model::loss::causal_lm_loss;
-use ferrotune_model::mask::AttentionLayout;
-use ferrotune_model::weights::SafetensorsWeights;
-use ferrotune_model::{peft, Batch, Phi3, Phi3Config};
-
-const CASES: [&str; 7] = [
-    "hub_mha",
-    "gqa_sharded",
-    "longrope",
-    "sliding_window",
-    "padded",
-    "packed",
-    "rslora_tied",
-];
-
-fn case_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/models")
-        .join(name)
-}
-
-struct Case {
-    name: &'static str,
-    model: Phi3,
-    expected: HashMap<String, Tensor>,
-    batch: Batch,
-    labels: Vec<Vec<i64>>,
-    /// [b][t]: 1 where the position is a real token (logits compared there).
-    real: Vec<Vec<u8>>,
-}
-
-fn rows_i64(t: &Tensor) -> Vec<Vec<i64>> {
-    t.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap()
-}
-
-fn load(name: &'static str) -> Case {
-    let dir = case_dir(name);
-    let cfg = Phi3Config::from_dir(&dir).unwrap();
-    let weights = SafetensorsWeights::open(&dir, DType::F32, &Device::Cpu).unwrap();
-    let model = Phi3::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap();
-    let expected =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let case: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let ids = rows_i64(&expected["input_ids"]);
-    let (b, t) = (ids.len(), ids[0].len());
-    let positions: Vec<Vec<u32>> = rows_i64(&expected["position_ids"])
-        .into_iter()
-        .map(|r| r.into_iter().map(|p| p as u32).collect())
-        .collect();
-    let real: Vec<Vec<u8>> = rows_i64(&expected["attention_mask"])
-        .into_iter()
-        .map(|r| r.into_iter().map(|m| m as u8).collect())
-        .collect();
-    let documents: Option<Vec<Vec<u32>>> = case.get("packed").map(|docs| {
-        let lens: Vec<usize> = docs
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
-        vec![ferrotune_model::mask::packed_layout(&lens).0]
-    });
-    let layout = AttentionLayout {
-        padding: Some(&real),
-        documents: documents.as_deref(),
-        sliding_window: cfg.sliding_window,
-    };
-    let batch = Batch {
-        input_ids: expected["input_ids"].to_dtype(DType::U32).unwrap(),
-        positions,
-        attention_bias: layout.bias(b, t, &Device::Cpu).unwrap(),
-    };
-    let labels = rows_i64(&expected["labels"]);
-    Case {
-        name,
-        model,
-        expected,
-        batch,
-        labels,
-        real,
-    }
-}
-
-/// Max |a - b| over real (non-padding) positions of `[b, t, V]` logits.
-fn max_diff(a: &Tensor, b: &Tensor, real: &[Vec<u8>]) -> f32 {
-    let a = a.to_vec3::<f32>().unwrap();
-    let b = b.to_vec3::<f32>().unwrap();
-    let mut worst = 0f32;
-    for (r, row) in real.iter().enumerate() {
-        for (i, &m) in row.iter().enumerate() {
-            if m == 1 {
-                for (x, y) in a[r][i].iter().zip(&b[r][i]) {
-                    worst = worst.max((x - y).abs());
-                }
-            }
-        }
-    }
-    worst
-}
-
-/// Euclidean norm of a tensor.
-fn l2(t: &Tensor) -> f32 {
-    t.sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// Largest absolute value of a tensor.
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use ferrotune_model::peft;
 
 #[test]
 fn base_logits_match_transformers() {

@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
+use ferrotune_model::device_memory::PeakSampler;
 use ferrotune_model::mask::AttentionLayout;
 use ferrotune_model::random_weights::RandomWeights;
 use ferrotune_model::{Batch, LoraConfig, Phi3, Phi3Config};
@@ -21,6 +22,9 @@ struct Reference {
     tokens_per_second: f64,
     seconds_per_step: f64,
     peak_rss_bytes: u64,
+    /// Device memory in use at the peak (total − free, sampled), on CUDA.
+    #[serde(default)]
+    peak_device_bytes: Option<u64>,
     torch: String,
 }
 
@@ -34,16 +38,22 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
         ));
     }
     let device = model_args::device(Some(&args.device))?;
+    let dtype = match &args.dtype {
+        Some(name) => ferrotune_model::loaded::parse_dtype(name)
+            .ok_or_else(|| Failure::usage(format!("--dtype {name}: expected f32, bf16 or f16")))?,
+        None if device.is_cuda() => DType::BF16,
+        None => DType::F32,
+    };
     let cfg_json = json!({"model_type": "phi3", "vocab_size": args.vocab, "hidden_size": args.hidden,
         "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
         "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
         "max_position_embeddings": args.seq.max(4096)});
     let cfg = Phi3Config::from_json_str(&cfg_json.to_string()).map_err(Failure::usage)?;
     let weights = RandomWeights {
-        dtype: DType::F32,
+        dtype,
         device: device.clone(),
     };
-    let mut model = Phi3::load(&cfg, &weights, DType::F32, &device)?;
+    let mut model = Phi3::load(&cfg, &weights, dtype, &device)?;
     let lora = LoraConfig {
         r: args.r,
         lora_alpha: 2.0 * args.r as f64,
@@ -69,6 +79,8 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
         attention_bias: AttentionLayout::default().bias(b, t, &device)?,
     };
     let mut times = Vec::new();
+    device.synchronize()?;
+    let sampler = PeakSampler::start(&device);
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
         if args.recompute {
@@ -87,13 +99,20 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
             times.push(start.elapsed().as_secs_f64());
         }
     }
+    let memory = sampler.finish();
     let per_step = times.iter().sum::<f64>() / times.len() as f64;
     let ours_tps = (b * t) as f64 / per_step;
     let ours_rss = peak_rss_bytes();
+    let flops_per_token = training_flops_per_token(args);
+    let mfu = |tps: f64| {
+        device
+            .is_cuda()
+            .then(|| tps * flops_per_token / (args.peak_tflops * 1e12))
+    };
     let reference = if args.no_reference {
         None
     } else {
-        Some(run_reference(args)?)
+        Some(run_reference(args, dtype)?)
     };
     let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     if json_out {
@@ -101,10 +120,16 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
             "{}",
             json!({
                 "shape": cfg_json, "batch": b, "seq": t, "lora_r": args.r, "recompute": args.recompute,
-                "ferrotune": {"tokens_per_second": ours_tps, "seconds_per_step": per_step, "peak_rss_bytes": ours_rss},
+                "device": args.device, "dtype": format!("{dtype:?}").to_lowercase(),
+                "flops_per_token": flops_per_token, "peak_tflops": args.peak_tflops,
+                "ferrotune": {"tokens_per_second": ours_tps, "seconds_per_step": per_step, "peak_rss_bytes": ours_rss,
+                    "peak_device_bytes": memory.map(|m| m.peak), "device_bytes_at_start": memory.map(|m| m.at_start),
+                    "mfu": mfu(ours_tps)},
                 "reference": reference.as_ref().map(|r| json!({"tokens_per_second": r.tokens_per_second,
-                    "seconds_per_step": r.seconds_per_step, "peak_rss_bytes": r.peak_rss_bytes, "torch": r.torch})),
+                    "seconds_per_step": r.seconds_per_step, "peak_rss_bytes": r.peak_rss_bytes,
+                    "peak_device_bytes": r.peak_device_bytes, "mfu": mfu(r.tokens_per_second), "torch": r.torch})),
                 "speedup": reference.as_ref().map(|r| ours_tps / r.tokens_per_second),
+                "device_memory_ratio": reference.as_ref().and_then(|r| Some(memory?.peak as f64 / r.peak_device_bytes? as f64)),
             })
         );
         return Ok(());
@@ -114,14 +139,28 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
         args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab, args.r,
         if args.recompute { ", recompute" } else { "" }
     );
+    let device_mem = |peak: Option<u64>| {
+        peak.map_or(String::new(), |p| {
+            format!("  peak device memory {:.2} GiB", gib(p))
+        })
+    };
+    let mfu_text =
+        |tps: f64| mfu(tps).map_or(String::new(), |m| format!("  MFU {:.1}%", 100.0 * m));
     println!(
-        "ferrotune  {ours_tps:>9.0} tokens/s  {per_step:.3} s/step  peak RSS {:.2} GiB",
-        gib(ours_rss)
+        "ferrotune  {ours_tps:>9.0} tokens/s  {per_step:.3} s/step  peak RSS {:.2} GiB{}{}",
+        gib(ours_rss),
+        device_mem(memory.map(|m| m.peak)),
+        mfu_text(ours_tps)
     );
     if let Some(r) = &reference {
         println!(
-            "reference  {:>9.0} tokens/s  {:.3} s/step  peak RSS {:.2} GiB  (PyTorch {} eager + PEFT)",
-            r.tokens_per_second, r.seconds_per_step, gib(r.peak_rss_bytes), r.torch
+            "reference  {:>9.0} tokens/s  {:.3} s/step  peak RSS {:.2} GiB{}{}  (PyTorch {} + PEFT)",
+            r.tokens_per_second,
+            r.seconds_per_step,
+            gib(r.peak_rss_bytes),
+            device_mem(r.peak_device_bytes),
+            mfu_text(r.tokens_per_second),
+            r.torch
         );
         println!(
             "ratio      {:.2}x tokens/s, {:.2}x peak RSS",
@@ -132,7 +171,19 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-fn run_reference(a: &BenchTrainArgs) -> Result<Reference, Failure> {
+/// Training FLOPs per token as MFU counts them for LoRA: 4·N for the frozen linears (forward, and
+/// the input gradient backward; no weight gradient), plus attention's score and value products
+/// (12·layers·seq·hidden: forward 4, backward 8), recompute not counted.
+fn training_flops_per_token(a: &BenchTrainArgs) -> f64 {
+    let (h, i, l) = (a.hidden as f64, a.intermediate as f64, a.layers as f64);
+    let head_dim = h / a.heads as f64;
+    let qkv = h * (h + 2.0 * a.kv_heads as f64 * head_dim);
+    let per_layer = qkv + h * h + 2.0 * h * i + i * h;
+    let linear = l * per_layer + a.vocab as f64 * h;
+    4.0 * linear + 12.0 * l * a.seq as f64 * h
+}
+
+fn run_reference(a: &BenchTrainArgs, dtype: DType) -> Result<Reference, Failure> {
     let script =
         std::env::temp_dir().join(format!("ferrotune-bench-train-{}.py", std::process::id()));
     std::fs::write(&script, assets::BENCH_TRAIN_REFERENCE)
@@ -174,6 +225,13 @@ fn run_reference(a: &BenchTrainArgs) -> Result<Reference, Failure> {
             &a.warmup.to_string(),
         ])
         .args(["--threads", &threads.to_string()])
+        .args([
+            "--device",
+            &a.device,
+            "--dtype",
+            &format!("{dtype:?}").to_lowercase(),
+        ])
+        .args(a.recompute.then_some("--recompute"))
         .output();
     let _ = std::fs::remove_file(&script);
     let output = output.map_err(|e| {

@@ -82,7 +82,12 @@ pub fn reference_config(out: &Path, sets: &[&str]) -> TrainConfig {
 
 /// The fixture model in `dtype` with the reference's initial adapter.
 pub fn model_with_adapter(dtype: DType) -> (Phi3, LoraConfig) {
-    let mut model = load_model(model_dir().to_str().unwrap(), dtype, &Device::Cpu)
+    model_with_adapter_on(dtype, &Device::Cpu)
+}
+
+/// [`model_with_adapter`] on `device`.
+pub fn model_with_adapter_on(dtype: DType, device: &Device) -> (Phi3, LoraConfig) {
+    let mut model = load_model(model_dir().to_str().unwrap(), dtype, device)
         .unwrap()
         .model;
     let lora = peft::load_adapter(&mut model, &model_dir().join("adapter")).unwrap();

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Builds ferrotune with `--features cuda` on a machine without a GPU or a CUDA install.
+#
+# nvcc, the CUDA headers and the libraries the final link names come from NVIDIA's PyPI wheels in a
+# private venv; libcuda (which only a driver ships) is replaced at link time by a generated stub
+# whose symbols are empty functions: the real libcuda.so.1 comes from the driver where the binary runs.
+#
+#   scripts/build-cuda.sh [--cap 90|80|86|89] [--tests]
+#
+# Output: dist/cuda-sm<cap>/ferrotune.gz (stripped); with --tests also the GPU test binaries
+# test-cuda_parity.gz and test-trainer_reference.gz, for scripts/gpu-check.sh on the device.
+# V100 (sm_70) needs the CUDA 12 toolchain, which CUDA 13's nvcc no longer targets: not built here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cap=90
+tests=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cap) cap="$2"; shift 2 ;;
+    --tests) tests=1; shift ;;
+    *) echo "usage: scripts/build-cuda.sh [--cap 90|80|86|89] [--tests]" >&2; exit 2 ;;
+  esac
+done
+case "$cap" in
+  80|86|89|90) ;;
+  70) echo "sm_70 (V100) needs CUDA 12's nvcc (nvidia-cuda-nvcc-cu12); this script pins CUDA 13" >&2; exit 2 ;;
+  *) echo "--cap $cap: expected 80, 86, 89 or 90" >&2; exit 2 ;;
+esac
+
+toolchain="${FERROTUNE_CUDA_TOOLCHAIN:-$PWD/.cuda-toolchain}"
+venv="$toolchain/venv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+# The nvvm/crt pins matter: left alone pip takes 13.5's front end, whose PTX ISA 9.5 neither
+# ptxas 13.0 nor a 13.0 driver accepts.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check \
+  'nvidia-cuda-nvcc==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*' \
+  'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*' 'nvidia-cuda-nvrtc==13.0.*' \
+  'nvidia-cublas==13.0.*' 'nvidia-curand==10.4.0.*'
+
+site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+cuda="$site/nvidia/cu13"
+[ -x "$cuda/bin/nvcc" ] || { echo "no nvcc at $cuda/bin/nvcc after the install" >&2; exit 1; }
+
+# Unversioned names for the linker, and a stub libcuda with every driver entry point cuda.h declares.
+libs="$toolchain/lib"
+mkdir -p "$libs"
+for so in "$cuda"/lib/lib*.so.*; do
+  base="$(basename "$so")"
+  ln -sf "$so" "$libs/${base%%.so.*}.so"
+done
+if [ ! -f "$libs/libcuda.so" ]; then
+  gcc -E -P "$cuda/include/cuda.h" | grep -oE '\bcu[A-Z][A-Za-z0-9_]*\s*\(' | tr -d '( ' | sort -u \
+    | awk '{ print "void " $1 "(void) {}" }' >"$toolchain/libcuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$libs/libcuda.so" "$toolchain/libcuda_stub.c"
+fi
+
+export CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_HOME="$cuda"
+export PATH="$cuda/bin:$PATH"
+export CUDA_COMPUTE_CAP="$cap"
+export LIBRARY_PATH="$libs${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$cuda/include"
+
+# dist/cuda-sm<cap>/ holds only what travels to a GPU machine: gzipped, stripped binaries, the
+# commit they were built from and the folder they were built in (tests find fixtures through it).
+out="dist/cuda-sm$cap"
+mkdir -p "$out"
+pack() { # pack EXECUTABLE NAME
+  strip -o "$out/$2" "$1"
+  gzip -9 -f "$out/$2"
+}
+cargo build --release --features cuda -p ferrotune-cli
+pack target/release/ferrotune ferrotune
+echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!dist' || echo -dirty)" >"$out/commit"
+echo "$PWD" >"$out/built-in"
+
+if [ "$tests" = 1 ]; then
+  # The test targets that hold the GPU tests (ignored in normal runs, run by scripts/gpu-check.sh).
+  cargo test --release --features cuda -p ferrotune-model -p ferrotune-train --no-run
+  cargo test --release --features cuda -p ferrotune-model -p ferrotune-train --no-run --message-format=json 2>/dev/null \
+    | "$venv/bin/python" -c '
+import json, sys
+wanted = {"cuda_parity", "trainer_reference"}
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in wanted:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do pack "$exe" "test-$name"; done
+fi
+ls -l "$out"

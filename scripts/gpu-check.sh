@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The GPU checklist of shared/GPU.md in one command, on the device machine (a GPU, PyTorch with
+# transformers + peft in `python3`, no Rust). Build first, here, with
+#   scripts/build-cuda.sh --tests          (dist/cuda-sm90/: ferrotune + CUDA test binaries, gzipped)
+# then run on the device from the repository root with dist/cuda-sm90 carried:
+#   scripts/gpu-check.sh [--quick]
+# Writes $OUT/gpu-report.json (every number) and $OUT/gpu-check.log (everything printed).
+# Each step runs under its own time limit and a failing step is recorded, not fatal.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT"
+log="$OUT/gpu-check.log"
+steps="$OUT/steps.jsonl"
+: >"$log"
+: >"$steps"
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+dist="${FERROTUNE_DIST:-dist/cuda-sm90}"
+
+say() { echo "== $*" | tee -a "$log"; }
+# record NAME STATUS SECONDS [JSON]: one line of steps.jsonl
+record() {
+  python3 - "$@" >>"$steps" <<'PY'
+import json, sys
+name, status, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+extra = None
+if len(sys.argv) > 4 and sys.argv[4].strip():
+    try:
+        extra = json.loads(sys.argv[4])
+    except ValueError:
+        extra = sys.argv[4][-2000:]
+print(json.dumps({"step": name, "exit": status, "seconds": round(secs, 1), "result": extra}))
+PY
+}
+# run NAME LIMIT_S CMD...: runs CMD with its output in the log, records its exit status and time
+run() {
+  local name="$1" limit="$2"
+  shift 2
+  say "$name: $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/.last" 2>&1
+  local rc=$?
+  cat "$OUT/.last" >>"$log"
+  echo "(exit $rc after $((SECONDS - t0)) s)" | tee -a "$log"
+  local json_line
+  json_line="$(grep -E '^\{' "$OUT/.last" | tail -1)"
+  record "$name" "$rc" "$((SECONDS - t0))" "$json_line"
+  return 0
+}
+
+# 1. Environment: the GPU, the driver, and the CUDA libraries PyTorch's wheels bring (cuBLAS,
+#    cuRAND, NVRTC), which the dynamically linked binary loads.
+say "environment"
+nvidia-smi 2>&1 | tee -a "$log"
+nvlib="$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]) if hasattr(nvidia, "__path__") else "")' 2>/dev/null)/nvidia"
+libdirs="$(ls -d "$nvlib"/*/lib "$nvlib"/cu*/lib 2>/dev/null | sort -u | tr '\n' ':')"
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:-}"
+env_json="$(python3 - <<'PY'
+import json, subprocess, torch, transformers, peft
+q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
+                    "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+print(json.dumps({"nvidia_smi": q, "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "transformers": transformers.__version__, "peft": peft.__version__,
+                  "gpu": torch.cuda.get_device_name(0)}))
+PY
+)"
+echo "$env_json" | tee -a "$log"
+record environment 0 0 "$env_json"
+
+# The binaries, unpacked; tests find the fixtures through the path they were built in.
+bin="$OUT/.bin"
+mkdir -p "$bin"
+for f in "$dist"/*.gz; do gunzip -c "$f" >"$bin/$(basename "${f%.gz}")"; done
+chmod +x "$bin"/*
+built_in="$(cat "$dist/built-in" 2>/dev/null || echo /work/main)"
+if [ "$built_in" != "$PWD" ] && [ ! -e "$built_in" ]; then
+  mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"
+fi
+ft="$bin/ferrotune"
+
+# 2 + 3. Per-op CUDA vs CPU parity (fwd+bwd, f32 and bf16) and the fixtures against their
+#        transformers + PEFT references on CUDA (logits, loss, LoRA grads, generation, 10 trainer steps).
+for t in "$bin"/test-*; do
+  run "$(basename "$t")" 300 "$t" --ignored --nocapture --test-threads 1
+done
+
+# End to end: `ferrotune train` of the bundled recipe on the GPU (prepare, train, eval, checkpoint).
+run train_tiny_sample 300 "$ft" --json train --config configs/tiny_sample.yaml \
+  --set device=cuda --set precision=bf16 --set "output_dir=$OUT/.tiny"
+
+# 4. Training throughput on Phi-3-mini-4k's exact shape, ferrotune and transformers + PEFT, same call.
+mini=(--layers 32 --hidden 3072 --intermediate 8192 --heads 32 --kv-heads 32 --vocab 32064)
+if [ "$quick" = 1 ]; then mini=(--layers 4 --hidden 3072 --intermediate 8192 --heads 32 --kv-heads 32 --vocab 32064); fi
+run bench_train_phi3_mini 420 "$ft" --json bench train --device cuda --dtype bf16 --recompute \
+  "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 --python python3
+
+# 5. Decode throughput: `ferrotune bench decode` is not built yet ([serve]); recorded as such.
+record bench_decode 127 0 '{"skipped": "ferrotune bench decode does not exist yet"}'
+
+python3 - "$steps" "$OUT/gpu-report.json" <<'PY'
+import json, subprocess, sys
+steps = [json.loads(l) for l in open(sys.argv[1])]
+import os
+dist = os.environ.get("FERROTUNE_DIST", "dist/cuda-sm90")
+commit = open(f"{dist}/commit").read().strip() if os.path.exists(f"{dist}/commit") else None
+report = {"commit": commit, "steps": steps,
+          "failed": [s["step"] for s in steps if s["exit"] not in (0, 127)]}
+json.dump(report, open(sys.argv[2], "w"), indent=1)
+print(json.dumps(report)[:3000])
+PY
+rm -rf "$bin" "$OUT/.last"
