@@ -82,17 +82,17 @@ ft="$bin/ferrotune"
 # 2 + 3. Per-op CUDA vs CPU parity (fwd+bwd, f32 and bf16) and the fixtures against their
 #        transformers + PEFT references on CUDA (logits, loss, LoRA grads, generation, 10 trainer steps).
 for t in "$bin"/test-*; do
-  run "$(basename "$t")" 300 "$t" --ignored --nocapture --test-threads 1
+  run "$(basename "$t")" 150 "$t" --ignored --nocapture --test-threads 1
 done
 
 # End to end: `ferrotune train` of the bundled recipe on the GPU (prepare, train, eval, checkpoint).
-run train_tiny_sample 300 "$ft" --json train --config configs/tiny_sample.yaml \
+run train_tiny_sample 150 "$ft" --json train --config configs/tiny_sample.yaml \
   --set device=cuda --set precision=bf16 --set "output_dir=$OUT/.tiny"
 
 # 4. Training throughput on Phi-3-mini-4k's exact shape, ferrotune and transformers + PEFT, same call.
 mini=(--layers 32 --hidden 3072 --intermediate 8192 --heads 32 --kv-heads 32 --vocab 32064)
 if [ "$quick" = 1 ]; then mini=(--layers 4 --hidden 3072 --intermediate 8192 --heads 32 --kv-heads 32 --vocab 32064); fi
-run bench_train_phi3_mini 420 "$ft" --json bench train --device cuda --dtype bf16 --recompute \
+run bench_train_phi3_mini 300 "$ft" --json bench train --device cuda --dtype bf16 --recompute \
   "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 --python python3
 
 # 5. Decode throughput: `ferrotune bench decode` is not built yet ([serve]); recorded as such.
