@@ -8,7 +8,7 @@
 #   scripts/build-cuda.sh [--cap 90|80|86|89] [--tests]
 #
 # Output: dist/cuda-sm<cap>/ferrotune.gz (stripped); with --tests also the GPU test binaries
-# test-cuda_parity.gz and test-trainer_reference.gz, for scripts/gpu-check.sh on the device.
+# test-kernel_parity.gz, test-cuda_parity.gz and test-trainer_reference.gz, for scripts/gpu-check.sh.
 # V100 (sm_70) needs the CUDA 12 toolchain, which CUDA 13's nvcc no longer targets: not built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,11 +78,11 @@ echo "$PWD" >"$out/built-in"
 
 if [ "$tests" = 1 ]; then
   # The test targets that hold the GPU tests (ignored in normal runs, run by scripts/gpu-check.sh).
-  cargo test --release --features cuda -p ferrotune-model -p ferrotune-train --no-run
-  cargo test --release --features cuda -p ferrotune-model -p ferrotune-train --no-run --message-format=json 2>/dev/null \
+  cargo test --release --features cuda -p ferrotune-kernels -p ferrotune-model -p ferrotune-train --no-run
+  cargo test --release --features cuda -p ferrotune-kernels -p ferrotune-model -p ferrotune-train --no-run --message-format=json 2>/dev/null \
     | "$venv/bin/python" -c '
 import json, sys
-wanted = {"cuda_parity", "trainer_reference"}
+wanted = {"kernel_parity", "cuda_parity", "trainer_reference"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in wanted:

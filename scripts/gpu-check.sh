@@ -89,11 +89,35 @@ done
 run train_tiny_sample 150 "$ft" --json train --config configs/tiny_sample.yaml \
   --set device=cuda --set precision=bf16 --set "output_dir=$OUT/.tiny"
 
+# The same run with the fused kernels off (candle's composed ops): the loss curves must agree
+# within bf16 precision.
+run train_tiny_sample_kernels_off 150 env FERROTUNE_KERNELS=0 "$ft" --json train \
+  --config configs/tiny_sample.yaml --set device=cuda --set precision=bf16 --set "output_dir=$OUT/.tiny_off"
+compare="$(python3 - "$OUT/.tiny/metrics.jsonl" "$OUT/.tiny_off/metrics.jsonl" <<'PY'
+import json, sys
+def curve(path):
+    recs = [json.loads(l) for l in open(path)]
+    return ({r["step"]: r["loss"] for r in recs if r["type"] == "train"},
+            [r["eval_loss"] for r in recs if r["type"] == "eval"])
+(on, eval_on), (off, eval_off) = curve(sys.argv[1]), curve(sys.argv[2])
+rel = max(abs(on[k] - off[k]) / abs(off[k]) for k in off)
+print(json.dumps({"logged_steps": len(off), "max_rel_train_loss_diff": rel,
+                  "final_eval_loss_on": eval_on[-1], "final_eval_loss_off": eval_off[-1],
+                  "within_bf16_tolerance": rel <= 2e-2}))
+PY
+)"
+echo "$compare" | tee -a "$log"
+record kernels_on_off_loss_curves "$(echo "$compare" | grep -q '"within_bf16_tolerance": true'; echo $?)" 0 "$compare"
+
 # 4. Training throughput on Phi-3-mini-4k's exact shape, ferrotune and transformers + PEFT, same call.
 mini=(--layers 32 --hidden 3072 --intermediate 8192 --heads 32 --kv-heads 32 --vocab 32064)
 if [ "$quick" = 1 ]; then mini=(--layers 4 --hidden 3072 --intermediate 8192 --heads 32 --kv-heads 32 --vocab 32064); fi
 run bench_train_phi3_mini 300 "$ft" --json bench train --device cuda --dtype bf16 --recompute \
   "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 --python python3
+
+run bench_train_phi3_mini_kernels_off 300 env FERROTUNE_KERNELS=0 "$ft" --json bench train \
+  --device cuda --dtype bf16 --recompute "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 \
+  --no-reference
 
 # 5. Decode throughput: `ferrotune bench decode` is not built yet ([serve]); recorded as such.
 record bench_decode 127 0 '{"skipped": "ferrotune bench decode does not exist yet"}'

@@ -10,7 +10,7 @@ use crate::frozen_linear::FrozenMatmul;
 use crate::lora::{Linear, LoraConfig, LoraPair};
 pub use crate::rms_norm::rms_norm;
 use crate::rope::{self, Rope};
-use crate::softmax::scaled_masked_softmax;
+use crate::softmax::attention_probs;
 use crate::swiglu::swiglu;
 
 /// Weight names follow the checkpoint (`model.layers.{i}.self_attn.qkv_proj.weight`, ...).
@@ -457,8 +457,7 @@ impl DecoderLayer {
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         // Scores and softmax in f32, as transformers' eager attention does.
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let probs = scaled_masked_softmax(&scores, bias, scale)?.to_dtype(x.dtype())?;
+        let probs = attention_probs(&q.matmul(&k.t()?)?, bias, scale)?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?

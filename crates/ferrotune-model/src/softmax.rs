@@ -34,6 +34,18 @@ pub fn scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Resu
     softmax_last_dim(&scores.affine(scale, 0.0)?.broadcast_add(bias)?)
 }
 
+/// Attention probabilities in the scores' dtype: `softmax(scale · scores + bias)` computed in f32
+/// (as transformers' eager attention does). On CUDA one fused kernel each way
+/// (`ferrotune_kernels::attention_softmax`, unless `FERROTUNE_KERNELS=0`); elsewhere the scores
+/// go through [`scaled_masked_softmax`] in f32.
+pub fn attention_probs(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if scores.device().is_cuda() && ferrotune_kernels::enabled() {
+        return ferrotune_kernels::attention_softmax(scores, bias, scale);
+    }
+    let dtype = scores.dtype();
+    scaled_masked_softmax(&scores.to_dtype(candle_core::DType::F32)?, bias, scale)?.to_dtype(dtype)
+}
+
 struct ScaledMaskedSoftmax {
     bias: Tensor,
     scale: f32,

@@ -1,0 +1,115 @@
+// Attention probabilities in one pass each way, for scores [B, H, Tq, Tk] (row-major, contiguous)
+// and an additive f32 mask bias [Bb, 1, Tq, Tk] with Bb = 1 or B (broadcast over heads):
+//   forward   y = softmax(scale * s + bias)            (f32 arithmetic, stored in the scores' type)
+//   backward  dx = scale * y * (g - sum_k g_k * y_k)    (the gradient of s)
+// One block per row; per-thread online (max, sum) pairs merged across the block, so a row is read
+// twice forward (reduce, write) and twice backward.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <float.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
+
+// Merge two (max, sum of exp(x - max)) pairs.
+__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+    float mm = fmaxf(m, m2);
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
+
+__device__ __forceinline__ void block_max_sum(float& m, float& s) {
+    __shared__ float sm[32], ss[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        merge(m, s, m2, s2);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < warps ? sm[lane] : -FLT_MAX;
+        s = lane < warps ? ss[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+            float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            merge(m, s, m2, s2);
+        }
+        if (lane == 0) { sm[0] = m; ss[0] = s; }
+    }
+    __syncthreads();
+    m = sm[0];
+    s = ss[0];
+}
+
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float sh[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < warps ? sh[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) sh[0] = v;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+template <typename T>
+__device__ void softmax_fwd(const T* __restrict__ s, const float* __restrict__ bias, T* __restrict__ y,
+                            int heads, int tq, int tk, int bias_batched, float scale) {
+    const int64_t row = blockIdx.x;
+    const int64_t q = row % tq;
+    const int64_t b = row / ((int64_t)tq * heads);
+    const T* sr = s + row * tk;
+    const float* br = bias + ((bias_batched ? b * tq : 0) + q) * tk;
+    T* yr = y + row * tk;
+    float m = -FLT_MAX, z = 0.0f;
+    for (int j = threadIdx.x; j < tk; j += blockDim.x) {
+        float x = to_f32(sr[j]) * scale + br[j];
+        if (x > m) { z = z * expf(m - x) + 1.0f; m = x; } else { z += expf(x - m); }
+    }
+    block_max_sum(m, z);
+    const float inv = 1.0f / z;
+    for (int j = threadIdx.x; j < tk; j += blockDim.x) {
+        float x = to_f32(sr[j]) * scale + br[j];
+        yr[j] = from_f32<T>(expf(x - m) * inv);
+    }
+}
+
+template <typename T>
+__device__ void softmax_bwd(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ dx, int tk, float scale) {
+    const int64_t row = blockIdx.x;
+    const T* yr = y + row * tk;
+    const T* gr = g + row * tk;
+    T* dr = dx + row * tk;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < tk; j += blockDim.x) dot += to_f32(gr[j]) * to_f32(yr[j]);
+    dot = block_sum(dot);
+    for (int j = threadIdx.x; j < tk; j += blockDim.x) {
+        dr[j] = from_f32<T>(scale * to_f32(yr[j]) * (to_f32(gr[j]) - dot));
+    }
+}
+
+#define INSTANTIATE(T, NAME)                                                                          \
+    extern "C" __global__ void attention_softmax_fwd_##NAME(const T* s, const float* bias, T* y,      \
+        int heads, int tq, int tk, int bias_batched, float scale) {                                  \
+        softmax_fwd<T>(s, bias, y, heads, tq, tk, bias_batched, scale);                              \
+    }                                                                                                 \
+    extern "C" __global__ void attention_softmax_bwd_##NAME(const T* y, const T* g, T* dx, int tk,    \
+        float scale) {                                                                                \
+        softmax_bwd<T>(y, g, dx, tk, scale);                                                          \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(__nv_bfloat16, bf16)
+INSTANTIATE(__half, f16)

@@ -1,0 +1,19 @@
+//! ferrotune-kernels: fused CUDA kernels for the training step, each a candle custom op with a
+//! forward and a backward, a CPU reference implementation (the same arithmetic in Rust) and
+//! parity tests against it that run on a GPU.
+//!
+//! Without the `cuda` feature only the CPU references are built.
+
+pub mod attention_softmax;
+#[cfg(feature = "cuda")]
+mod ptx;
+mod rows;
+
+pub use attention_softmax::attention_softmax;
+
+/// Whether the fused kernels are used where they apply: yes unless `FERROTUNE_KERNELS=0`, which
+/// falls back to candle's composed ops (for A/B runs and to rule a kernel out when debugging).
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("FERROTUNE_KERNELS").map_or(true, |v| v != "0"))
+}

@@ -1,0 +1,144 @@
+//! Each CUDA kernel against its CPU reference and against candle's composed (unfused) ops on the
+//! same GPU, forward and backward, in f32, bf16 and f16, at sizes that are not multiples of any
+//! block size. Needs a GPU: ignored here, run by `scripts/gpu-check.sh` on the device.
+//!
+//! Tolerances: probabilities max |Δ| ≤ 1e-6 in f32 and ≤ one rounding of the output type
+//! (2⁻⁸ for bf16, 2⁻¹¹ for f16, relative to the row's largest probability) otherwise; score
+//! gradients relative L2 ≤ 1e-5 in f32, ≤ 1e-2 (bf16) / 2e-3 (f16).
+
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use ferrotune_kernels::attention_softmax;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device (these tests run on the GPU machine)")
+}
+
+fn cpu_f32(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    cpu_f32(t)
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn l2(t: &Tensor) -> f32 {
+    cpu_f32(t)
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A causal mask with a sliding window, as the model builds it (large negative where masked).
+fn mask(b: usize, q: usize, k: usize) -> Tensor {
+    let v: Vec<f32> = (0..b * q * k)
+        .map(|i| {
+            let (row, col) = ((i / k) % q + (k - q), i % k);
+            let window = 97 + 13 * (i / (q * k));
+            if col > row || row - col >= window {
+                f32::MIN
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (b, 1, q, k), &Device::Cpu).unwrap()
+}
+
+fn composed(s: &Tensor, bias: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    let x = s
+        .to_dtype(DType::F32)?
+        .affine(scale, 0.0)?
+        .broadcast_add(bias)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        .to_dtype(s.dtype())
+}
+
+/// Probabilities and score gradient (under a fixed output weighting) of `f` on `device`.
+fn run(
+    f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    s: &Tensor,
+    bias: &Tensor,
+    device: &Device,
+    dtype: DType,
+) -> (Tensor, Tensor) {
+    let v = Var::from_tensor(&s.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+    let y = f(v.as_tensor(), &bias.to_device(device).unwrap()).unwrap();
+    assert_eq!(y.dtype(), dtype);
+    let n = y.elem_count();
+    let probe: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+        .collect();
+    let probe = Tensor::from_vec(probe, y.shape(), device).unwrap();
+    let loss = (y.to_dtype(DType::F32).unwrap() * probe)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = loss.backward().unwrap().get(v.as_tensor()).unwrap().clone();
+    (cpu_f32(&y), cpu_f32(&g))
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn attention_softmax_matches_its_cpu_reference_and_the_composed_ops() {
+    let dev = gpu();
+    let scale = 1.0 / 96f64.sqrt();
+    let mut failures = Vec::new();
+    // Short rows (128 threads), long rows (256 threads), decoding (q < k), a batched bias.
+    for (b, h, q, k, bias_batch) in [
+        (2, 3, 37, 37, 2),
+        (1, 5, 19, 1031, 1),
+        (2, 2, 7, 4099, 2),
+        (1, 4, 3, 61, 1),
+    ] {
+        let s = Tensor::randn(0f32, 3.0, (b, h, q, k), &Device::Cpu).unwrap();
+        let bias = mask(bias_batch, q, k);
+        for (dtype, y_tol, g_tol) in [
+            (DType::F32, 1e-6f32, 1e-5f32),
+            (DType::BF16, 1.0 / 256.0, 1e-2),
+            (DType::F16, 1.0 / 2048.0, 2e-3),
+        ] {
+            // The reference sees the scores rounded to the same dtype the kernel reads.
+            let s_rounded = s.to_dtype(dtype).unwrap();
+            let kernel = |s: &Tensor, b: &Tensor| attention_softmax(s, b, scale);
+            let unfused = |s: &Tensor, b: &Tensor| composed(s, b, scale);
+            let (y_gpu, g_gpu) = run(&kernel, &s_rounded, &bias, &dev, dtype);
+            let (y_cpu, g_cpu) = run(&kernel, &s_rounded, &bias, &Device::Cpu, dtype);
+            let (y_ops, g_ops) = run(&unfused, &s_rounded, &bias, &dev, dtype);
+            let y_ref = max_abs(&y_cpu);
+            for (what, y, g) in [
+                ("cpu reference", &y_cpu, &g_cpu),
+                ("composed ops", &y_ops, &g_ops),
+            ] {
+                let dy = max_abs(&(&y_gpu - y).unwrap()) / y_ref;
+                let dg = l2(&(&g_gpu - g).unwrap()) / l2(g);
+                eprintln!(
+                    "attention_softmax [{b},{h},{q},{k}] bias batch {bias_batch} {dtype:?} vs {what}: probs {dy:.2e}, grad {dg:.2e}"
+                );
+                if !(dy <= y_tol && dg <= g_tol) {
+                    failures.push(format!(
+                        "[{b},{h},{q},{k}] {dtype:?} vs {what}: {dy:e} / {dg:e}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
