@@ -6,6 +6,8 @@
 # whose symbols are empty functions: the real libcuda.so.1 comes from the driver where the binary runs.
 #
 #   scripts/build-cuda.sh [--cap 90|80|86|89] [--tests]
+#   scripts/build-cuda.sh --check      (CI: clippy -D warnings of every crate with the cuda feature;
+#                                       needs only nvcc and headers, links nothing, runs nothing)
 #
 # Output: dist/cuda-sm<cap>/ferrotune.gz (stripped); with --tests also the GPU test binaries
 # test-kernel_parity.gz, test-cuda_parity.gz and test-trainer_reference.gz, for scripts/gpu-check.sh.
@@ -15,11 +17,13 @@ cd "$(dirname "$0")/.."
 
 cap=90
 tests=0
+check=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --cap) cap="$2"; shift 2 ;;
     --tests) tests=1; shift ;;
-    *) echo "usage: scripts/build-cuda.sh [--cap 90|80|86|89] [--tests]" >&2; exit 2 ;;
+    --check) check=1; shift ;;
+    *) echo "usage: scripts/build-cuda.sh [--cap 90|80|86|89] [--tests] | --check" >&2; exit 2 ;;
   esac
 done
 case "$cap" in
@@ -35,10 +39,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # The nvvm/crt pins matter: left alone pip takes 13.5's front end, whose PTX ISA 9.5 neither
 # ptxas 13.0 nor a 13.0 driver accepts.
-"$venv/bin/python" -m pip install -q --disable-pip-version-check \
-  'nvidia-cuda-nvcc==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*' \
-  'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*' 'nvidia-cuda-nvrtc==13.0.*' \
-  'nvidia-cublas==13.0.*' 'nvidia-curand==10.4.0.*'
+compiler=('nvidia-cuda-nvcc==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*'
+  'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*')
+libraries=('nvidia-cuda-nvrtc==13.0.*' 'nvidia-cublas==13.0.*' 'nvidia-curand==10.4.0.*')
+if [ "$check" = 1 ]; then libraries=(); fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "${compiler[@]}" "${libraries[@]}"
 
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cuda="$site/nvidia/cu13"
@@ -62,6 +67,12 @@ export PATH="$cuda/bin:$PATH"
 export CUDA_COMPUTE_CAP="$cap"
 export LIBRARY_PATH="$libs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$cuda/include"
+
+cuda_crates=(-p ferrotune-kernels -p ferrotune-model -p ferrotune-train -p ferrotune-cli)
+if [ "$check" = 1 ]; then
+  cargo clippy "${cuda_crates[@]}" --features cuda --all-targets --locked -- -D warnings
+  exit 0
+fi
 
 # dist/cuda-sm<cap>/ holds only what travels to a GPU machine: gzipped, stripped binaries, the
 # commit they were built from and the folder they were built in (tests find fixtures through it).
