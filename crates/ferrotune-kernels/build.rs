@@ -15,7 +15,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = ["CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"]
         .iter()
-        .filter_map(|v| std::env::var_os(v))
+        .filter_map(std::env::var_os)
         .map(|root| PathBuf::from(root).join("bin/nvcc"))
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));

@@ -4,18 +4,7 @@
 //   backward  dx = scale * y * (g - sum_k g_k * y_k)    (the gradient of s)
 // One block per row; per-thread online (max, sum) pairs merged across the block, so a row is read
 // twice forward (reduce, write) and twice backward.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <float.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
+#include "common.cuh"
 
 // Merge two (max, sum of exp(x - max)) pairs.
 __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
@@ -47,21 +36,6 @@ __device__ __forceinline__ void block_max_sum(float& m, float& s) {
     __syncthreads();
     m = sm[0];
     s = ss[0];
-}
-
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float sh[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < warps ? sh[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) sh[0] = v;
-    }
-    __syncthreads();
-    return sh[0];
 }
 
 template <typename T>

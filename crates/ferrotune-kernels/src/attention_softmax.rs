@@ -111,23 +111,18 @@ impl CustomOp1 for AttentionSoftmax {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, q, k) = self.dims(layout)?;
-        let (bias, bias_layout) = self.bias.storage_and_layout();
+        self.dims(layout)?;
+        let (bias, bias_layout) = crate::launch::storage_of(&self.bias)?;
         let candle_core::Storage::Cuda(bias) = &*bias else {
-            candle_core::bail!("attention_softmax: bias and scores are on different devices");
+            unreachable!("storage_of checked the device")
         };
-        let bias = bias
-            .as_cuda_slice::<f32>()?
-            .slice(bias_layout.start_offset()..);
-        let args = cuda::Forward {
-            rows,
+        let out = cuda::forward(&cuda::Forward {
+            s: (storage, layout),
+            bias: (bias, &bias_layout),
             heads: self.heads,
-            q,
-            k,
             bias_batched: self.bias_batched,
             scale: self.scale,
-        };
-        let out = cuda::forward(storage, layout, &bias, &args)?;
+        })?;
         Ok((out, layout.shape().clone()))
     }
 
@@ -173,173 +168,122 @@ impl CustomOp2 for AttentionSoftmaxGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = cuda::backward(s1, l1, s2, l2, self.scale)?;
+        let out = cuda::backward(&cuda::Backward {
+            y: (s1, l1),
+            g: (s2, l2),
+            scale: self.scale,
+        })?;
         Ok((out, l1.shape().clone()))
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaFunction, CudaSlice, DeviceRepr, PushKernelArg,
     };
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
-    use crate::ptx::ATTENTION_SOFTMAX;
+    use crate::launch::{i32_of, output, per_row, view, Launch};
 
-    const MODULE: &str = "ferrotune_attention_softmax";
+    const MODULE: (&str, &str) = ("ferrotune_attention_softmax", crate::ptx::ATTENTION_SOFTMAX);
 
-    pub struct Forward {
-        pub rows: usize,
+    pub struct Forward<'a> {
+        pub s: (&'a CudaStorage, &'a Layout),
+        pub bias: (&'a CudaStorage, &'a Layout),
         pub heads: usize,
-        pub q: usize,
-        pub k: usize,
         pub bias_batched: bool,
         pub scale: f32,
     }
 
-    /// One block per row; 256 threads cover Phi-3's 4k keys in 16 strided steps.
-    fn launch_config(rows: usize, k: usize) -> LaunchConfig {
-        let threads = if k >= 1024 { 256 } else { 128 };
-        LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("attention_softmax: unsupported dtype {other:?}"),
-        })
-    }
-
-    fn i32_of(n: usize, what: &str) -> Result<i32> {
-        i32::try_from(n).map_err(|_| {
-            candle_core::Error::Msg(format!("attention_softmax: {what} {n} exceeds i32"))
-        })
-    }
-
-    fn fwd_typed<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-        dev: &CudaDevice,
-        s: &CudaStorage,
-        layout: &Layout,
-        bias: &CudaView<'_, f32>,
-        a: &Forward,
-        name: &str,
-    ) -> Result<CudaSlice<T>> {
-        let src = s.as_cuda_slice::<T>()?.slice(layout.start_offset()..);
-        let func = dev.get_or_load_custom_func(name, MODULE, ATTENTION_SOFTMAX)?;
-        // SAFETY: every element is written by the kernel before it is read.
-        let out = unsafe { dev.alloc::<T>(a.rows * a.k)? };
-        let (heads, q, k) = (
-            i32_of(a.heads, "heads")?,
-            i32_of(a.q, "queries")?,
-            i32_of(a.k, "keys")?,
-        );
-        let batched = i32::from(a.bias_batched);
-        let mut builder = func.builder();
-        builder.arg(&src);
-        builder.arg(bias);
-        builder.arg(&out);
-        builder.arg(&heads);
-        builder.arg(&q);
-        builder.arg(&k);
-        builder.arg(&batched);
-        builder.arg(&a.scale);
-        // SAFETY: the arguments match the kernel's signature; sizes were checked by the caller.
-        unsafe { builder.launch(launch_config(a.rows, a.k)) }.w()?;
-        Ok(out)
-    }
-
-    pub fn forward(
-        s: &CudaStorage,
-        layout: &Layout,
-        bias: &CudaView<'_, f32>,
-        a: &Forward,
-    ) -> Result<CudaStorage> {
-        let dev = s.device().clone();
-        let name = format!("attention_softmax_fwd_{}", suffix(s.dtype())?);
-        let out = match s.dtype() {
-            DType::F32 => CudaStorage::wrap_cuda_slice(
-                fwd_typed::<f32>(&dev, s, layout, bias, a, &name)?,
-                dev,
-            ),
-            DType::BF16 => CudaStorage::wrap_cuda_slice(
-                fwd_typed::<half::bf16>(&dev, s, layout, bias, a, &name)?,
-                dev,
-            ),
-            _ => CudaStorage::wrap_cuda_slice(
-                fwd_typed::<half::f16>(&dev, s, layout, bias, a, &name)?,
-                dev,
-            ),
-        };
-        Ok(out)
-    }
-
-    fn bwd_typed<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
-        dev: &CudaDevice,
-        (y, ly): (&CudaStorage, &Layout),
-        (g, lg): (&CudaStorage, &Layout),
-        scale: f32,
-        name: &str,
-    ) -> Result<CudaSlice<T>> {
-        let n = ly.shape().elem_count();
-        let k = *ly.dims().last().expect("4-d probabilities");
-        let yv = y.as_cuda_slice::<T>()?.slice(ly.start_offset()..);
-        let gv = g.as_cuda_slice::<T>()?.slice(lg.start_offset()..);
-        let func = dev.get_or_load_custom_func(name, MODULE, ATTENTION_SOFTMAX)?;
-        // SAFETY: every element is written by the kernel before it is read.
-        let out = unsafe { dev.alloc::<T>(n)? };
-        let k32 = i32_of(k, "keys")?;
-        let mut builder = func.builder();
-        builder.arg(&yv);
-        builder.arg(&gv);
-        builder.arg(&out);
-        builder.arg(&k32);
-        builder.arg(&scale);
-        // SAFETY: the arguments match the kernel's signature.
-        unsafe { builder.launch(launch_config(n / k, k)) }.w()?;
-        Ok(out)
-    }
-
-    pub fn backward(
-        y: &CudaStorage,
-        ly: &Layout,
-        g: &CudaStorage,
-        lg: &Layout,
-        scale: f32,
-    ) -> Result<CudaStorage> {
-        if !ly.is_contiguous()
-            || !lg.is_contiguous()
-            || ly.shape() != lg.shape()
-            || y.dtype() != g.dtype()
-        {
-            candle_core::bail!(
-                "attention_softmax backward: y and g must be contiguous, same shape and dtype"
+    impl Launch for Forward<'_> {
+        fn launch<T: CudaDType + DeviceRepr>(
+            &self,
+            dev: &CudaDevice,
+            func: &CudaFunction,
+        ) -> Result<CudaSlice<T>> {
+            let (_, _, q, k) = self.s.1.shape().dims4()?;
+            let n = self.s.1.shape().elem_count();
+            let s = view::<T>(self.s.0, self.s.1)?;
+            let bias = view::<f32>(self.bias.0, self.bias.1)?;
+            let out = output::<T>(dev, n)?;
+            let (heads, q32, k32) = (
+                i32_of(self.heads, "heads")?,
+                i32_of(q, "queries")?,
+                i32_of(k, "keys")?,
             );
+            let batched = i32::from(self.bias_batched);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(func);
+            b.arg(&s);
+            b.arg(&bias);
+            b.arg(&out);
+            b.arg(&heads);
+            b.arg(&q32);
+            b.arg(&k32);
+            b.arg(&batched);
+            b.arg(&self.scale);
+            // SAFETY: the arguments match attention_softmax_fwd_<T>'s signature.
+            unsafe { b.launch(per_row(n / k, k)) }.w()?;
+            Ok(out)
         }
-        let dev = y.device().clone();
-        let name = format!("attention_softmax_bwd_{}", suffix(y.dtype())?);
-        Ok(match y.dtype() {
-            DType::F32 => CudaStorage::wrap_cuda_slice(
-                bwd_typed::<f32>(&dev, (y, ly), (g, lg), scale, &name)?,
-                dev,
-            ),
-            DType::BF16 => CudaStorage::wrap_cuda_slice(
-                bwd_typed::<half::bf16>(&dev, (y, ly), (g, lg), scale, &name)?,
-                dev,
-            ),
-            _ => CudaStorage::wrap_cuda_slice(
-                bwd_typed::<half::f16>(&dev, (y, ly), (g, lg), scale, &name)?,
-                dev,
-            ),
-        })
+    }
+
+    pub fn forward(a: &Forward<'_>) -> Result<CudaStorage> {
+        use candle_core::backend::BackendStorage;
+        crate::launch::run(
+            a,
+            a.s.0.dtype(),
+            a.s.0.device(),
+            MODULE,
+            "attention_softmax_fwd",
+        )
+    }
+
+    pub struct Backward<'a> {
+        pub y: (&'a CudaStorage, &'a Layout),
+        pub g: (&'a CudaStorage, &'a Layout),
+        pub scale: f32,
+    }
+
+    impl Launch for Backward<'_> {
+        fn launch<T: CudaDType + DeviceRepr>(
+            &self,
+            dev: &CudaDevice,
+            func: &CudaFunction,
+        ) -> Result<CudaSlice<T>> {
+            let n = self.y.1.shape().elem_count();
+            let k = *self.y.1.dims().last().expect("4-d probabilities");
+            let y = view::<T>(self.y.0, self.y.1)?;
+            let g = view::<T>(self.g.0, self.g.1)?;
+            let out = output::<T>(dev, n)?;
+            let k32 = i32_of(k, "keys")?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(func);
+            b.arg(&y);
+            b.arg(&g);
+            b.arg(&out);
+            b.arg(&k32);
+            b.arg(&self.scale);
+            // SAFETY: the arguments match attention_softmax_bwd_<T>'s signature.
+            unsafe { b.launch(per_row(n / k, k)) }.w()?;
+            Ok(out)
+        }
+    }
+
+    pub fn backward(a: &Backward<'_>) -> Result<CudaStorage> {
+        use candle_core::backend::BackendStorage;
+        if a.y.1.shape() != a.g.1.shape() || a.y.0.dtype() != a.g.0.dtype() {
+            candle_core::bail!("attention_softmax backward: y and g differ in shape or dtype");
+        }
+        crate::launch::run(
+            a,
+            a.y.0.dtype(),
+            a.y.0.device(),
+            MODULE,
+            "attention_softmax_bwd",
+        )
     }
 }
 

@@ -6,10 +6,18 @@
 
 pub mod attention_softmax;
 #[cfg(feature = "cuda")]
+mod launch;
+#[cfg(feature = "cuda")]
 mod ptx;
+pub mod rms_norm;
+pub mod rope;
 mod rows;
+pub mod swiglu;
 
 pub use attention_softmax::attention_softmax;
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use swiglu::swiglu;
 
 /// Whether the fused kernels are used where they apply: yes unless `FERROTUNE_KERNELS=0`, which
 /// falls back to candle's composed ops (for A/B runs and to rule a kernel out when debugging).

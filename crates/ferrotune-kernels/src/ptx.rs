@@ -1,4 +1,7 @@
-//! The PTX that build.rs compiled from `cuda/*.cu`.
+//! The PTX that build.rs compiled from `cuda/*.cu`, one module per file.
 
 pub const ATTENTION_SOFTMAX: &str =
     include_str!(concat!(env!("OUT_DIR"), "/attention_softmax.ptx"));
+pub const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
+pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
+pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));

@@ -2,14 +2,17 @@
 //! same GPU, forward and backward, in f32, bf16 and f16, at sizes that are not multiples of any
 //! block size. Needs a GPU: ignored here, run by `scripts/gpu-check.sh` on the device.
 //!
-//! Tolerances: probabilities max |Δ| ≤ 1e-6 in f32 and ≤ one rounding of the output type
-//! (2⁻⁸ for bf16, 2⁻¹¹ for f16, relative to the row's largest probability) otherwise; score
-//! gradients relative L2 ≤ 1e-5 in f32, ≤ 1e-2 (bf16) / 2e-3 (f16).
+//! Tolerances: attention probabilities max |Δ| ≤ 1e-6 in f32 and ≤ one rounding of the output
+//! type (2⁻⁸ for bf16, 2⁻¹¹ for f16, relative to the largest probability) otherwise; score
+//! gradients relative L2 ≤ 1e-5 in f32, ≤ 1e-2 (bf16) / 2e-3 (f16). RMSNorm, RoPE, SwiGLU:
+//! against the CPU reference max |Δ| ≤ 1e-5 in f32, two roundings in bf16/f16 (relative to the
+//! largest value), gradients as above; against the composed ops 5e-2 in bf16 (which rounds at
+//! other points) and 1e-2 in f16.
 
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use ferrotune_kernels::attention_softmax;
+use ferrotune_kernels::{attention_softmax, rms_norm, rope, swiglu};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device (these tests run on the GPU machine)")
@@ -136,6 +139,106 @@ fn attention_softmax_matches_its_cpu_reference_and_the_composed_ops() {
                     failures.push(format!(
                         "[{b},{h},{q},{k}] {dtype:?} vs {what}: {dy:e} / {dg:e}"
                     ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+type Op<'a> = Box<dyn Fn(&Tensor, &Device) -> candle_core::Result<Tensor> + 'a>;
+
+/// Output and input gradient of `f` on `x` (rounded to `dtype`) on `device`.
+fn run_op(f: &Op, x: &Tensor, device: &Device, dtype: DType) -> (Tensor, Tensor) {
+    let v = Var::from_tensor(&x.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+    let y = f(v.as_tensor(), device).unwrap();
+    assert_eq!(y.dtype(), dtype);
+    let n = y.elem_count();
+    let probe: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+        .collect();
+    let probe = Tensor::from_vec(probe, y.shape(), device).unwrap();
+    let loss = (y.to_dtype(DType::F32).unwrap() * probe)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = loss.backward().unwrap().get(v.as_tensor()).unwrap().clone();
+    (cpu_f32(&y), cpu_f32(&g))
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn rms_norm_rope_and_swiglu_match_their_cpu_references_and_the_composed_ops() {
+    let dev = gpu();
+    let (b, h, t, d, width, inter) = (2, 3, 37, 96, 3072 + 7, 8192 + 3);
+    let w = (Tensor::randn(0f32, 0.1, width, &Device::Cpu).unwrap() + 1.0).unwrap();
+    let cos = Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu).unwrap();
+    let sin = Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu).unwrap();
+    let like = |c: &Tensor, x: &Tensor, dev: &Device| {
+        c.to_device(dev).unwrap().to_dtype(x.dtype()).unwrap()
+    };
+    let cases: Vec<(&str, Vec<usize>, Op, Op)> = vec![
+        (
+            "rms_norm",
+            vec![b, t, width],
+            Box::new(|x: &Tensor, dev: &Device| rms_norm(x, &like(&w, x, dev), 1e-5)),
+            Box::new(|x: &Tensor, dev: &Device| {
+                let xf = x.to_dtype(DType::F32)?;
+                let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?
+                    .sqrt()?
+                    .recip()?;
+                xf.broadcast_mul(&inv)?
+                    .to_dtype(x.dtype())?
+                    .broadcast_mul(&like(&w, x, dev))
+            }),
+        ),
+        (
+            "rope",
+            vec![b, h, t, d],
+            Box::new(|x: &Tensor, dev: &Device| rope(x, &like(&cos, x, dev), &like(&sin, x, dev))),
+            Box::new(|x: &Tensor, dev: &Device| {
+                let (c, s) = (
+                    like(&cos, x, dev).unsqueeze(1)?,
+                    like(&sin, x, dev).unsqueeze(1)?,
+                );
+                let rotated = Tensor::cat(
+                    &[&x.narrow(3, d / 2, d / 2)?.neg()?, &x.narrow(3, 0, d / 2)?],
+                    3,
+                )?;
+                x.broadcast_mul(&c)? + rotated.broadcast_mul(&s)?
+            }),
+        ),
+        (
+            "swiglu",
+            vec![3, 5, 2 * inter],
+            Box::new(|x: &Tensor, _: &Device| swiglu(x)),
+            Box::new(|x: &Tensor, _: &Device| {
+                let gate = x.narrow(D::Minus1, 0, inter)?;
+                let up = x.narrow(D::Minus1, inter, inter)?;
+                up * (&gate * (gate.neg()?.exp()? + 1.0)?.recip()?)?
+            }),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, shape, kernel, composed) in &cases {
+        let x = Tensor::randn(0f32, 1.5, shape.as_slice(), &Device::Cpu).unwrap();
+        for (dtype, ref_y, ref_g, ops_tol) in [
+            (DType::F32, 1e-5f32, 1e-5f32, 1e-5f32),
+            (DType::BF16, 2.0 / 256.0, 1e-2, 5e-2),
+            (DType::F16, 2.0 / 2048.0, 2e-3, 1e-2),
+        ] {
+            let (y_gpu, g_gpu) = run_op(kernel, &x, &dev, dtype);
+            let (y_cpu, g_cpu) = run_op(kernel, &x, &Device::Cpu, dtype);
+            let (y_ops, g_ops) = run_op(composed, &x, &dev, dtype);
+            for (what, y, g, y_tol, g_tol) in [
+                ("cpu reference", &y_cpu, &g_cpu, ref_y, ref_g),
+                ("composed ops", &y_ops, &g_ops, ops_tol, ops_tol),
+            ] {
+                let dy = max_abs(&(&y_gpu - y).unwrap()) / max_abs(y);
+                let dg = l2(&(&g_gpu - g).unwrap()) / l2(g);
+                eprintln!("{name} {shape:?} {dtype:?} vs {what}: output {dy:.2e}, grad {dg:.2e}");
+                if !(dy <= y_tol && dg <= g_tol) {
+                    failures.push(format!("{name} {dtype:?} vs {what}: {dy:e} / {dg:e}"));
                 }
             }
         }

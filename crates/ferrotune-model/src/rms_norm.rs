@@ -1,5 +1,6 @@
 //! RMSNorm as transformers computes it (`x · rsqrt(mean(x²) + eps)` in f32, then `· weight`),
-//! with a fused CPU forward and backward (rows in parallel) for f32, and candle ops elsewhere.
+//! with a fused CPU forward and backward (rows in parallel) for f32, ferrotune-kernels' CUDA kernel
+//! on the GPU, and candle ops elsewhere.
 //! The weight is frozen: only the input gradient is produced.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
@@ -14,6 +15,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             weight: weight.contiguous()?,
             eps: eps as f32,
         });
+    }
+    if x.device().is_cuda() && ferrotune_kernels::enabled() && weight.dtype() == x.dtype() {
+        return ferrotune_kernels::rms_norm(x, weight, eps);
     }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;

@@ -91,7 +91,8 @@ impl Rope {
 }
 
 /// `x·cos + rotate_half(x)·sin` for `x` `[b, heads, t, head_dim]`, cos/sin `[b, t, head_dim]`.
-/// Fused on CPU for f32 (forward and backward one pass each); candle ops elsewhere.
+/// Fused on CPU for f32 (forward and backward one pass each), a CUDA kernel on the GPU
+/// (ferrotune-kernels), candle ops elsewhere.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(Rotary {
@@ -99,6 +100,9 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             sin: sin.contiguous()?.flatten_all()?.to_vec1::<f32>()?.into(),
             transpose: false,
         });
+    }
+    if x.device().is_cuda() && ferrotune_kernels::enabled() {
+        return ferrotune_kernels::rope(x, cos, sin);
     }
     composed(x, cos, sin)
 }

@@ -1,6 +1,7 @@
 //! Phi-3's MLP activation on the fused `gate_up_proj` output: `up · silu(gate)` where
 //! `[gate | up] = gate_up` along the last dimension. Fused on CPU for f32 (one pass forward,
-//! one backward writing the gradient of `gate_up` directly); candle ops elsewhere.
+//! one backward writing the gradient of `gate_up` directly), a CUDA kernel on the GPU
+//! (ferrotune-kernels), candle ops elsewhere.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -11,6 +12,9 @@ use crate::cpu_rows::f32_rows;
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     if gate_up.device().is_cpu() && gate_up.dtype() == DType::F32 {
         return gate_up.contiguous()?.apply_op1(SwiGlu);
+    }
+    if gate_up.device().is_cuda() && ferrotune_kernels::enabled() {
+        return ferrotune_kernels::swiglu(gate_up);
     }
     let i = gate_up.dim(D::Minus1)? / 2;
     let gate = gate_up.narrow(D::Minus1, 0, i)?;
