@@ -143,4 +143,4 @@ report = {"commit": commit, "steps": steps,
 json.dump(report, open(sys.argv[2], "w"), indent=1)
 print(json.dumps(report)[:3000])
 PY
-rm -rf "$bin" "$OUT/.last"
+rm -rf "$bin" "$OUT/.last" "$steps"

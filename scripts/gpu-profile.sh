@@ -5,7 +5,7 @@
 # step's wall time without the profiler, which tells GPU-bound from host/launch-bound.
 # Run on the GPU machine after scripts/build-cuda.sh, with dist/cuda-sm90 carried:
 #   scripts/gpu-profile.sh [LAYERS] [SEQ]
-# Writes $OUT/profile.csv (raw), $OUT/profile.txt (the table) and $OUT/profile.json.
+# Writes $OUT/profile.txt (the table), $OUT/profile.json and $OUT/wall.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-profile-out}"
@@ -27,14 +27,14 @@ shape=(--layers "$layers" --hidden 3072 --intermediate 8192 --heads 32 --kv-head
 
 ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
 timeout 400 "$ncu" --clock-control none --print-units base --metrics gpu__time_duration.sum --csv --page raw \
-  --log-file "$OUT/profile.csv" "$bin/ferrotune" bench train "${shape[@]}" --steps 1 --warmup 0 \
-  --no-reference >/dev/null 2>"$OUT/ncu.err"
-echo "ncu exit $?"; tail -3 "$OUT/ncu.err"
+  --log-file "$bin/profile.csv" "$bin/ferrotune" bench train "${shape[@]}" --steps 1 --warmup 0 \
+  --no-reference >/dev/null 2>"$bin/ncu.err"
+echo "ncu exit $?"; tail -3 "$bin/ncu.err"
 
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$bin/profile.csv" <<'PY'
 import csv, json, re, sys
 out = sys.argv[1]
-rows = list(csv.DictReader(l for l in open(f"{out}/profile.csv") if l.startswith('"')))
+rows = list(csv.DictReader(l for l in open(sys.argv[2]) if l.startswith('"')))
 rows = [r for r in rows if r.get("gpu__time_duration.sum", "").replace(".", "").replace(",", "").isdigit()]
 def short(name):
     name = re.sub(r"<.*", "", name)
