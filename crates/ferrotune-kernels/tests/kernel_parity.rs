@@ -2,8 +2,9 @@
 //! same GPU, forward and backward, in f32, bf16 and f16, at sizes that are not multiples of any
 //! block size. Needs a GPU: ignored here, run by `scripts/gpu-check.sh` on the device.
 //!
-//! Tolerances: attention probabilities max |Δ| ≤ 1e-6 in f32 and ≤ one rounding of the output
-//! type (2⁻⁸ for bf16, 2⁻¹¹ for f16, relative to the largest probability) otherwise; score
+//! Tolerances: attention probabilities max |Δ| ≤ 1e-6 in f32 and ≤ one unit in the last place of
+//! the output type otherwise (2⁻⁷ for bf16, 2⁻¹⁰ for f16, relative to the largest probability:
+//! f32 arithmetic done in another order may round the other way); score
 //! gradients relative L2 ≤ 1e-5 in f32, ≤ 1e-2 (bf16) / 2e-3 (f16). RMSNorm, RoPE, SwiGLU:
 //! against the CPU reference max |Δ| ≤ 1e-5 in f32, two roundings in bf16/f16 (relative to the
 //! largest value), gradients as above; against the composed ops 5e-2 in bf16 (which rounds at
@@ -115,8 +116,8 @@ fn attention_softmax_matches_its_cpu_reference_and_the_composed_ops() {
         let bias = mask(bias_batch, q, k);
         for (dtype, y_tol, g_tol) in [
             (DType::F32, 1e-6f32, 1e-5f32),
-            (DType::BF16, 1.0 / 256.0, 1e-2),
-            (DType::F16, 1.0 / 2048.0, 2e-3),
+            (DType::BF16, 1.0 / 128.0, 1e-2),
+            (DType::F16, 1.0 / 1024.0, 2e-3),
         ] {
             // The reference sees the scores rounded to the same dtype the kernel reads.
             let s_rounded = s.to_dtype(dtype).unwrap();
