@@ -3,10 +3,11 @@
 //! Azure VM size, and the largest micro batch / sequence length that would. Pure integer
 //! arithmetic on the config (no tensors), so it is instant and deterministic.
 //!
-//! The activation model follows what ferrotune's graph keeps alive on a CUDA device, where
-//! RMSNorm, RoPE, SwiGLU, the attention softmax and the cross-entropy are composed from candle
-//! ops (the fused kernels in `ferrotune-model` are CPU/f32-only), as traced through
-//! candle-core 0.11's autograd:
+//! The activation model follows what ferrotune's graph keeps alive on a CUDA device. With
+//! `fused_kernels` (the default on CUDA: `ferrotune-kernels`) RMSNorm, RoPE, SwiGLU and the
+//! attention softmax are one op each that keeps only its output and captures its constants; without
+//! (`FERROTUNE_KERNELS=0`, and the model the planner had before the kernels) they and the
+//! cross-entropy are composed from candle ops, as traced through candle-core 0.11's autograd:
 //!
 //! * every op's output stays alive until the backward ends, because each tensor holds its inputs
 //!   (`Op::*`) and the loss holds the graph;
@@ -17,7 +18,10 @@
 //! * the backward of a broadcast division (the softmax normalisation) holds about six buffers of
 //!   the `[b, heads, t, t]` score size at once, and the loss backward about four `[b·t, vocab]`.
 //!
-//! On CPU in f32 the fused kernels keep less, so the plan is an upper bound there. Sizes are
+//! The cross-entropy stays composed on CUDA either way. On CPU in f32 ferrotune's fused CPU ops
+//! keep less than the composed model, which the CPU plan uses, so it is an upper bound there.
+//! Calibration: `fused_kernels_plan_matches_the_measured_h200_step` checks the plan against a
+//! peak measured on a GPU by `scripts/gpu-check.sh` (committed under `benches/gpu/`). Sizes are
 //! bytes throughout; "GiB" is 2³⁰ bytes.
 
 use ferrotune_model::{LoraConfig, Phi3Config};
@@ -26,9 +30,11 @@ use serde::Serialize;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
-/// Fixed bytes a CUDA context (driver, cuBLAS handles and workspace, candle's kernels) takes on
-/// each GPU before any tensor exists. Not part of [`estimate`]; [`with_device_overhead`] adds it.
-pub const CUDA_CONTEXT_BYTES: u64 = 300 * MIB;
+/// Fixed bytes a CUDA context (driver, cuBLAS handles and workspace, candle's and ferrotune's
+/// loaded kernels) takes on each GPU besides the tensors: measured on an H200 (CUDA 13.0, driver
+/// 580) as device memory in use after loading a Phi-3-mini-shaped model minus its weights and
+/// LoRA, 1.0 GB. Not part of [`estimate`]; [`with_device_overhead`] adds it.
+pub const CUDA_CONTEXT_BYTES: u64 = 960 * MIB;
 
 /// What a run looks like, as the planner needs it.
 #[derive(Debug, Clone)]
@@ -43,6 +49,9 @@ pub struct PlanInput {
     pub dtype_bytes: usize,
     /// `gradient_checkpointing`: per-layer recompute (`Phi3::loss_and_grads_recompute`).
     pub recompute: bool,
+    /// RMSNorm, RoPE, SwiGLU and the attention softmax run as fused CUDA kernels (CUDA with
+    /// `ferrotune-kernels` on); otherwise as composed candle ops.
+    pub fused_kernels: bool,
 }
 
 /// Peak device memory of one training micro-step, by component. All sizes in bytes; the
@@ -142,6 +151,7 @@ struct Dims {
     /// no-op returning the same tensor).
     conv: u128,
     dropout: bool,
+    fused: bool,
     b: u128,
     t: u128,
 }
@@ -173,6 +183,7 @@ impl Dims {
             d,
             conv: u128::from(d != F32),
             dropout: p.lora.lora_dropout > 0.0,
+            fused: p.fused_kernels,
             b: w(p.micro_batch),
             t: w(p.seq_len),
         }
@@ -214,8 +225,12 @@ impl Dims {
     /// Composed RMSNorm, bytes kept per token: `x` to f32 (a copy unless f32), `x²`, its mean,
     /// `+eps`, `sqrt`, `recip` (one value each), `x·inv` (f32), back to the dtype (a copy unless
     /// f32), `· weight`.
+    /// Fused: the output only.
     fn norm_kept(&self) -> u128 {
         let h = self.hidden;
+        if self.fused {
+            return h * self.d;
+        }
         h * (2 * F32 + self.d) + self.conv * h * (F32 + self.d) + 4 * F32
     }
 
@@ -260,23 +275,33 @@ impl Dims {
         // q, k, v: `narrow` + `reshape` copies (the narrow is strided), then the `contiguous`
         // copy after the transpose: two copies of the qkv output.
         bytes += 2 * self.qkv * d;
-        // Composed RoPE on q and k: `-x2` (half), `cat`, `x·cos`, `rot·sin`, the sum.
-        bytes += (a / 2 + 4 * a + kv / 2 + 4 * kv) * d;
+        // RoPE on q and k: fused, the outputs; composed, `-x2` (half), `cat`, `x·cos`, `rot·sin`,
+        // the sum.
+        bytes += if self.fused {
+            (a + kv) * d
+        } else {
+            (a / 2 + 4 * a + kv / 2 + 4 * kv) * d
+        };
         // repeat_kv (GQA only): a broadcast reshaped into a copy, for k and for v.
         if self.heads != self.kv_heads {
             bytes += 2 * a * d;
         }
-        // Scores per query: `q·kᵀ` in the dtype, its f32 copy, `·scale`, `+bias`, `-max`, `exp`,
-        // `/sum` (f32), probabilities back in the dtype; max and sum are one value per head.
-        bytes += self.heads * self.t * (d + 5 * F32 + self.conv * (F32 + d)) + 2 * self.heads * F32;
+        // Scores per query: fused, `q·kᵀ` and the probabilities, both in the dtype; composed,
+        // `q·kᵀ` in the dtype, its f32 copy, `·scale`, `+bias`, `-max`, `exp`, `/sum` (f32),
+        // probabilities back in the dtype; max and sum are one value per head.
+        bytes += if self.fused {
+            2 * self.heads * self.t * d
+        } else {
+            self.heads * self.t * (d + 5 * F32 + self.conv * (F32 + d)) + 2 * self.heads * F32
+        };
         // `probs·v`, and its transpose reshaped into a copy for o_proj.
         bytes += 2 * a * d;
         bytes += self.linear_kept(&o);
         // The residual sum after attention.
         bytes += h * d;
         bytes += self.norm_kept() + self.linear_kept(&gate_up);
-        // Composed SwiGLU: `-gate`, `exp`, `+1`, `recip`, `gate·σ`, `up·…`.
-        bytes += 6 * self.inter * d;
+        // SwiGLU: fused, the output; composed, `-gate`, `exp`, `+1`, `recip`, `gate·σ`, `up·…`.
+        bytes += if self.fused { 1 } else { 6 } * self.inter * d;
         // down_proj; its residual sum is the next layer's input (counted there).
         bytes + self.linear_kept(&down)
     }
@@ -284,19 +309,22 @@ impl Dims {
     /// Leaked gradients of one layer created before its softmax backward runs (the backward
     /// walks the layer from its output): the second norm's weight, the dropout masks of down,
     /// gate_up and o_proj. Bytes per token.
+    /// Fused ops capture their constants, so only the dropout masks leak.
     fn layer_leak_before_softmax(&self, lora: &LoraConfig) -> u128 {
         let [_, o, gate_up, down] = self.linears(lora);
-        self.hidden * self.d
-            + self.linear_leak(&down)
-            + self.linear_leak(&gate_up)
-            + self.linear_leak(&o)
+        let norm_weight = if self.fused { 0 } else { self.hidden * self.d };
+        norm_weight + self.linear_leak(&down) + self.linear_leak(&gate_up) + self.linear_leak(&o)
     }
 
     /// Leaked gradients created from the softmax backward on: the attention bias and the
     /// softmax max, each at `[heads, t]` f32 per token; RoPE's cos and sin broadcast over q's
     /// and k's heads; the first norm's weight; qkv_proj's dropout mask. Bytes per token.
+    /// Fused: only qkv_proj's dropout mask.
     fn layer_leak_from_softmax(&self, lora: &LoraConfig) -> u128 {
         let [qkv, ..] = self.linears(lora);
+        if self.fused {
+            return self.linear_leak(&qkv);
+        }
         2 * self.heads * self.t * F32
             + 2 * (self.attn + self.kv) * self.d
             + self.hidden * self.d
@@ -310,7 +338,8 @@ impl Dims {
     fn head(&self) -> u128 {
         let (h, v, d) = (self.hidden, self.vocab, self.d);
         let kept = h * d + self.norm_kept() + v * (d + self.conv * F32 + 3 * F32) + 4 * F32;
-        let leaked = h * d + v * F32;
+        let norm_weight = if self.fused { 0 } else { h * d };
+        let leaked = norm_weight + v * F32;
         kept + leaked
     }
 }
@@ -371,10 +400,16 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
     // Both paths keep the head's graph (and its leaked gradient) until the layers are done.
     let logits_and_loss = n * dims.head();
     let scores = dims.b * dims.heads * dims.t * dims.t;
+    // The fused softmax backward holds the incoming gradient, its own output and candle's summed
+    // copy of it, all in the dtype; the composed one [`SOFTMAX_BACKWARD_BUFFERS`] in f32.
+    let softmax_backward = if dims.fused {
+        3 * scores * d
+    } else {
+        SOFTMAX_BACKWARD_BUFFERS * scores * F32
+    };
     let attention_workspace = dims.b * dims.t * dims.t * F32
         + 2 * n * dims.head_dim * d
-        + (SOFTMAX_BACKWARD_BUFFERS * scores * F32)
-            .max(LOSS_BACKWARD_BUFFERS * n * dims.vocab * F32);
+        + softmax_backward.max(LOSS_BACKWARD_BUFFERS * n * dims.vocab * F32);
 
     let sum = weights
         + lora_parameters
@@ -717,6 +752,7 @@ mod tests {
             seq_len,
             dtype_bytes,
             recompute,
+            fused_kernels: false,
         }
     }
 
@@ -819,6 +855,92 @@ mod tests {
         assert!(at(4, t) <= v.usable_bytes && at(4, t + 128) > v.usable_bytes);
     }
 
+    /// The plan against what `scripts/gpu-check.sh` measured on a GPU: LoRA r 16 forward +
+    /// backward of a Phi-3-mini-shaped model in bf16, 2048 tokens, recompute on, fused kernels
+    /// (`ferrotune bench train`, device memory sampled every 2 ms). The step's working memory
+    /// (peak − in use before the first step) must be the plan's activations, head, attention
+    /// workspace and one set of LoRA gradients within 15%, and the memory in use before the step
+    /// its weights, LoRA parameters and the CUDA context within 15%.
+    #[test]
+    fn fused_kernels_plan_matches_the_measured_h200_step() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../benches/gpu/h200-2026-11-26.json"
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let bench = report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step"] == "bench_train_phi3_mini")
+            .expect("the bench step")["result"]
+            .clone();
+        assert_eq!(bench["shape"]["num_hidden_layers"], 32);
+        assert_eq!(bench["dtype"], "bf16");
+        assert_eq!(bench["recompute"], true);
+        let measured = &bench["ferrotune"];
+        let (peak, start) = (
+            measured["peak_device_bytes"].as_f64().unwrap(),
+            measured["device_bytes_at_start"].as_f64().unwrap(),
+        );
+        let i = PlanInput {
+            fused_kernels: true,
+            ..input(
+                bench["batch"].as_u64().unwrap() as usize,
+                bench["seq"].as_u64().unwrap() as usize,
+                2,
+                true,
+            )
+        };
+        let p = estimate(&i);
+        let step =
+            (p.activations + p.logits_and_loss + p.attention_workspace + p.gradients / 2) as f64;
+        let loaded = (p.weights + p.lora_parameters + CUDA_CONTEXT_BYTES) as f64;
+        let (step_rel, loaded_rel) = (
+            (step - (peak - start)) / (peak - start),
+            (loaded - start) / start,
+        );
+        eprintln!(
+            "step: plan {:.2} GiB, measured {:.2} GiB ({step_rel:+.1e}); loaded: plan {:.2} GiB, measured {:.2} GiB ({loaded_rel:+.1e})",
+            step / GIB as f64,
+            (peak - start) / GIB as f64,
+            loaded / GIB as f64,
+            start / GIB as f64
+        );
+        assert!(
+            step_rel.abs() <= 0.15,
+            "step working memory off by {step_rel:+e}"
+        );
+        assert!(
+            loaded_rel.abs() <= 0.15,
+            "loaded memory off by {loaded_rel:+e}"
+        );
+        // The composed model (kernels off, measured in the same report) the same way.
+        let off = &report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step"] == "bench_train_phi3_mini_kernels_off")
+            .expect("the kernels-off bench step")["result"]["ferrotune"];
+        let measured_off = off["peak_device_bytes"].as_f64().unwrap()
+            - off["device_bytes_at_start"].as_f64().unwrap();
+        let c = estimate(&PlanInput {
+            fused_kernels: false,
+            ..i
+        });
+        let step_off =
+            (c.activations + c.logits_and_loss + c.attention_workspace + c.gradients / 2) as f64;
+        let off_rel = (step_off - measured_off) / measured_off;
+        eprintln!(
+            "kernels off: plan {:.2} GiB, measured {:.2} GiB ({off_rel:+.1e})",
+            step_off / GIB as f64,
+            measured_off / GIB as f64
+        );
+        assert!(off_rel.abs() <= 0.15, "composed step off by {off_rel:+e}");
+        assert!(c.total > p.total);
+    }
+
     #[test]
     fn device_overhead_is_added_once() {
         let p = estimate(&input(2, 1024, 2, true));
@@ -826,7 +948,7 @@ mod tests {
         assert_eq!(d.total, p.total + CUDA_CONTEXT_BYTES);
         assert_eq!(d.overhead, p.overhead + CUDA_CONTEXT_BYTES);
         assert_eq!(components(&d), d.total);
-        assert_eq!(CUDA_CONTEXT_BYTES, 300 * 1024 * 1024);
+        assert_eq!(CUDA_CONTEXT_BYTES, 960 * 1024 * 1024);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub fn input(cfg: &TrainConfig, gpu: bool) -> Result<PlanInput, Failure> {
         seq_len,
         dtype_bytes,
         recompute: cfg.gradient_checkpointing,
+        fused_kernels: gpu && ferrotune_model::kernels_enabled(),
     })
 }
 
