@@ -85,6 +85,12 @@ for t in "$bin"/test-*; do
   run "$(basename "$t")" 150 "$t" --ignored --nocapture --test-threads 1
 done
 
+# The bf16 fixture check again with the kernels off, to tell the kernels' share of bf16 error.
+if [ -x "$bin/test-cuda_parity" ]; then
+  run test-cuda_parity_bf16_kernels_off 150 env FERROTUNE_KERNELS=0 "$bin/test-cuda_parity" \
+    --ignored --nocapture --test-threads 1 fixtures_in_bf16
+fi
+
 # End to end: `ferrotune train` of the bundled recipe on the GPU (prepare, train, eval, checkpoint).
 # Outputs go to a scratch folder: $OUT brings back only a few files.
 scratch="$(mktemp -d)"

@@ -49,9 +49,26 @@ pub struct PlanInput {
     pub dtype_bytes: usize,
     /// `gradient_checkpointing`: per-layer recompute (`Phi3::loss_and_grads_recompute`).
     pub recompute: bool,
-    /// RMSNorm, RoPE, SwiGLU and the attention softmax run as fused CUDA kernels (CUDA with
-    /// `ferrotune-kernels` on); otherwise as composed candle ops.
+    /// RMSNorm, RoPE, SwiGLU and the attention softmax run as fused ops: on CUDA with
+    /// `ferrotune-kernels` on, on the CPU in f32 (ferrotune's CPU ops); otherwise composed
+    /// candle ops.
     pub fused_kernels: bool,
+    /// The head and its cross-entropy are one op that never holds the logits (the CPU in f32:
+    /// `head_loss.rs`); otherwise logits and a composed cross-entropy.
+    pub fused_head: bool,
+}
+
+impl PlanInput {
+    /// Which ops a run uses on a GPU (`gpu`) or the CPU with `dtype_bytes`: on CUDA the fused
+    /// kernels unless `FERROTUNE_KERNELS=0`, with the composed cross-entropy; on the CPU in f32
+    /// fused ops and the fused head; on the CPU in bf16/f16 composed ops.
+    pub fn ops_for(gpu: bool, dtype_bytes: usize) -> (bool, bool) {
+        if gpu {
+            (ferrotune_model::kernels_enabled(), false)
+        } else {
+            (dtype_bytes == 4, dtype_bytes == 4)
+        }
+    }
 }
 
 /// Peak device memory of one training micro-step, by component. All sizes in bytes; the
@@ -125,6 +142,8 @@ const SOFTMAX_BACKWARD_BUFFERS: u128 = 6;
 /// Live `[b·t, vocab]` f32 buffers at the worst point of the cross-entropy backward (the `exp`
 /// node: its gradient, `grad · exp`, the old and the new summed gradient of the shifted logits).
 const LOSS_BACKWARD_BUFFERS: u128 = 4;
+/// Rows the fused CPU head re-projects at once (`head_loss.rs`'s `CHUNK`).
+const HEAD_CHUNK: u128 = 256;
 
 fn saturate(x: u128) -> u64 {
     u64::try_from(x).unwrap_or(u64::MAX)
@@ -152,6 +171,7 @@ struct Dims {
     conv: u128,
     dropout: bool,
     fused: bool,
+    fused_head: bool,
     b: u128,
     t: u128,
 }
@@ -184,6 +204,7 @@ impl Dims {
             conv: u128::from(d != F32),
             dropout: p.lora.lora_dropout > 0.0,
             fused: p.fused_kernels,
+            fused_head: p.fused_head,
             b: w(p.micro_batch),
             t: w(p.seq_len),
         }
@@ -335,8 +356,12 @@ impl Dims {
     /// norm, logits in the dtype, their f32 copy, the cross-entropy's gathered rows, shifted
     /// rows and `exp` (all f32; every token assumed trained, the worst case), a few per-row
     /// values; plus the leaked gradients of the final norm's weight and of the detached max.
+    /// Fused head: the final hidden state, the norm and one loss per row.
     fn head(&self) -> u128 {
         let (h, v, d) = (self.hidden, self.vocab, self.d);
+        if self.fused_head {
+            return h * d + self.norm_kept() + F32;
+        }
         let kept = h * d + self.norm_kept() + v * (d + self.conv * F32 + 3 * F32) + 4 * F32;
         let norm_weight = if self.fused { 0 } else { h * d };
         let leaked = norm_weight + v * F32;
@@ -407,9 +432,17 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
     } else {
         SOFTMAX_BACKWARD_BUFFERS * scores * F32
     };
+    // The loss backward: composed, [`LOSS_BACKWARD_BUFFERS`] `[b·t, vocab]` f32 buffers; fused,
+    // one chunk of re-projected rows with its gradient, plus a copy of the hidden state and its
+    // gradient.
+    let loss_backward = if dims.fused_head {
+        HEAD_CHUNK * (dims.vocab + h) * F32 + 2 * n * h * F32
+    } else {
+        LOSS_BACKWARD_BUFFERS * n * dims.vocab * F32
+    };
     let attention_workspace = dims.b * dims.t * dims.t * F32
         + 2 * n * dims.head_dim * d
-        + softmax_backward.max(LOSS_BACKWARD_BUFFERS * n * dims.vocab * F32);
+        + softmax_backward.max(loss_backward);
 
     let sum = weights
         + lora_parameters
@@ -753,6 +786,7 @@ mod tests {
             dtype_bytes,
             recompute,
             fused_kernels: false,
+            fused_head: false,
         }
     }
 

@@ -26,6 +26,7 @@ pub fn input(cfg: &TrainConfig, gpu: bool) -> Result<PlanInput, Failure> {
         Precision::Auto if gpu => 2,
         Precision::Auto => 4,
     };
+    let (fused_kernels, fused_head) = PlanInput::ops_for(gpu, dtype_bytes);
     Ok(PlanInput {
         model,
         lora,
@@ -33,7 +34,8 @@ pub fn input(cfg: &TrainConfig, gpu: bool) -> Result<PlanInput, Failure> {
         seq_len,
         dtype_bytes,
         recompute: cfg.gradient_checkpointing,
-        fused_kernels: gpu && ferrotune_model::kernels_enabled(),
+        fused_kernels,
+        fused_head,
     })
 }
 
