@@ -134,7 +134,7 @@ record kernels_on_off_loss_curves "$(echo "$compare" | grep -q '"within_bf16_tol
 rm -rf "$scratch"
 
 # 4. Training throughput on Phi-3-mini-4k's exact shape, ferrotune and transformers + PEFT, same call.
-mini=(--layers 32 --hidden 3072 --intermediate 8192 --heads 32 --kv-heads 32 --vocab 32064)
+mini=(--shape phi3-mini)
 if [ "$quick" = 1 ]; then mini=(--layers 4 --hidden 3072 --intermediate 8192 --heads 32 --kv-heads 32 --vocab 32064); fi
 run bench_train_phi3_mini 300 "$ft" --json bench train --device cuda --dtype bf16 --recompute \
   "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 --python python3

@@ -267,11 +267,14 @@ pub struct EvalArgs {
     pub max_rows: Option<u64>,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct BenchTrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// A named shape instead of --layers/--hidden/...: phi3-mini (Phi-3-mini-4k-instruct).
+    #[arg(long, value_parser = ["phi3-mini"])]
+    pub shape: Option<String>,
     /// f32, bf16 or f16 for the frozen weights and activations (default: f32 on CPU, bf16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,

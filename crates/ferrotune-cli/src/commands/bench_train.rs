@@ -32,6 +32,22 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
     if let Some(config) = &args.config {
         return crate::commands::bench_trainer::run(config, args, json_out);
     }
+    let shaped;
+    let args = match args.shape.as_deref() {
+        Some("phi3-mini") => {
+            shaped = BenchTrainArgs {
+                layers: 32,
+                hidden: 3072,
+                intermediate: 8192,
+                heads: 32,
+                kv_heads: 32,
+                vocab: 32064,
+                ..args.clone()
+            };
+            &shaped
+        }
+        _ => args,
+    };
     if args.steps == 0 || args.seq < 2 || !args.heads.is_multiple_of(args.kv_heads.max(1)) {
         return Err(Failure::usage(
             "--steps ≥ 1, --seq ≥ 2 and --kv-heads dividing --heads are needed",

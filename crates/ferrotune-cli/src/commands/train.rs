@@ -66,11 +66,7 @@ fn dry_run(cfg: &TrainConfig, json_out: bool) -> Result<(), Failure> {
         );
         println!(
             "# memory plan per {}:",
-            if on_gpu {
-                "GPU"
-            } else {
-                "process (CPU; an upper bound)"
-            }
+            if on_gpu { "GPU" } else { "process (CPU)" }
         );
         for line in ferrotune_train::plan::render(&estimate).lines() {
             println!("#   {line}");
@@ -136,6 +132,9 @@ pub fn train(
     };
     rows.finish();
 
+    // On a GPU, the device memory in use is sampled from before the weights load to the end, and
+    // its peak is reported next to the plan's figure.
+    let memory = ferrotune_model::device_memory::PeakSampler::start(&device);
     let loaded_at = std::time::Instant::now();
     let mut model = load_model(model_dir.to_str().unwrap_or(&cfg.model), dtype, &device)?.model;
     let lora = attach_lora(&mut model, cfg)?;
@@ -194,6 +193,21 @@ pub fn train(
         ferrotune_train::train(cfg, &mut model, &lora, &data, &options, &mut Fan(watchers))
     };
     bar.finish();
+    if let Some(used) = memory.finish() {
+        let planned = crate::commands::plan::input(cfg, true).map(|i| {
+            ferrotune_train::plan::with_device_overhead(&ferrotune_train::plan::estimate(&i)).total
+        });
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        tracing::info!(
+            "peak device memory {:.2} GiB in use on the GPU ({:.2} GiB before loading){}",
+            gib(used.peak),
+            gib(used.at_start),
+            planned.map_or(String::new(), |p| format!(
+                "; ferrotune plan said {:.2} GiB",
+                gib(p)
+            ))
+        );
+    }
     if let Some(m) = mlflow {
         let status = match &result {
             Ok(s) if s.finish == Finish::Interrupted => "KILLED",
