@@ -75,16 +75,12 @@ fn composed(s: &Tensor, bias: &Tensor, scale: f64) -> candle_core::Result<Tensor
         .to_dtype(s.dtype())
 }
 
-/// Probabilities and score gradient (under a fixed output weighting) of `f` on `device`.
-fn run(
-    f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
-    s: &Tensor,
-    bias: &Tensor,
-    device: &Device,
-    dtype: DType,
-) -> (Tensor, Tensor) {
-    let v = Var::from_tensor(&s.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
-    let y = f(v.as_tensor(), &bias.to_device(device).unwrap()).unwrap();
+type Op<'a> = Box<dyn Fn(&Tensor, &Device) -> candle_core::Result<Tensor> + 'a>;
+
+/// Output and input gradient of `f` on `x` (rounded to `dtype`) on `device`.
+fn run_op(f: &Op, x: &Tensor, device: &Device, dtype: DType) -> (Tensor, Tensor) {
+    let v = Var::from_tensor(&x.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+    let y = f(v.as_tensor(), device).unwrap();
     assert_eq!(y.dtype(), dtype);
     let n = y.elem_count();
     let probe: Vec<f32> = (0..n)
@@ -121,11 +117,11 @@ fn attention_softmax_matches_its_cpu_reference_and_the_composed_ops() {
         ] {
             // The reference sees the scores rounded to the same dtype the kernel reads.
             let s_rounded = s.to_dtype(dtype).unwrap();
-            let kernel = |s: &Tensor, b: &Tensor| attention_softmax(s, b, scale);
-            let unfused = |s: &Tensor, b: &Tensor| composed(s, b, scale);
-            let (y_gpu, g_gpu) = run(&kernel, &s_rounded, &bias, &dev, dtype);
-            let (y_cpu, g_cpu) = run(&kernel, &s_rounded, &bias, &Device::Cpu, dtype);
-            let (y_ops, g_ops) = run(&unfused, &s_rounded, &bias, &dev, dtype);
+            let kernel: Op = Box::new(|s, dev| attention_softmax(s, &bias.to_device(dev)?, scale));
+            let unfused: Op = Box::new(|s, dev| composed(s, &bias.to_device(dev)?, scale));
+            let (y_gpu, g_gpu) = run_op(&kernel, &s_rounded, &dev, dtype);
+            let (y_cpu, g_cpu) = run_op(&kernel, &s_rounded, &Device::Cpu, dtype);
+            let (y_ops, g_ops) = run_op(&unfused, &s_rounded, &dev, dtype);
             let y_ref = max_abs(&y_cpu);
             for (what, y, g) in [
                 ("cpu reference", &y_cpu, &g_cpu),
@@ -145,26 +141,6 @@ fn attention_softmax_matches_its_cpu_reference_and_the_composed_ops() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
-}
-
-type Op<'a> = Box<dyn Fn(&Tensor, &Device) -> candle_core::Result<Tensor> + 'a>;
-
-/// Output and input gradient of `f` on `x` (rounded to `dtype`) on `device`.
-fn run_op(f: &Op, x: &Tensor, device: &Device, dtype: DType) -> (Tensor, Tensor) {
-    let v = Var::from_tensor(&x.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
-    let y = f(v.as_tensor(), device).unwrap();
-    assert_eq!(y.dtype(), dtype);
-    let n = y.elem_count();
-    let probe: Vec<f32> = (0..n)
-        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
-        .collect();
-    let probe = Tensor::from_vec(probe, y.shape(), device).unwrap();
-    let loss = (y.to_dtype(DType::F32).unwrap() * probe)
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let g = loss.backward().unwrap().get(v.as_tensor()).unwrap().clone();
-    (cpu_f32(&y), cpu_f32(&g))
 }
 
 #[test]

@@ -165,6 +165,19 @@ fn every_op_matches_the_cpu_forward_and_backward_in_f32_and_bf16() {
     assert!(failures.is_empty(), "ops off on CUDA: {failures:#?}");
 }
 
+/// Largest relative L2 error of any LoRA gradient against the fixture's.
+fn worst_lora_gradient(c: &common::Case, grads: &candle_core::backprop::GradStore) -> f32 {
+    let mut worst = 0f32;
+    for (module, pair) in c.model.lora_pairs() {
+        for (which, var) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
+            let g = grads.get(var.as_tensor()).expect("LoRA gradient");
+            let r = &c.expected[&format!("grad.{module}.{which}")];
+            worst = worst.max(l2(&(cpu_f32(g) - r).unwrap()) / l2(r));
+        }
+    }
+    worst
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
 fn fixtures_match_transformers_and_peft_on_cuda_in_f32() {
@@ -180,15 +193,7 @@ fn fixtures_match_transformers_and_peft_on_cuda_in_f32() {
         let ours = loss.to_scalar::<f32>().unwrap();
         let theirs = c.expected["loss_lora"].to_scalar::<f32>().unwrap();
         let rel = ((ours - theirs) / theirs).abs();
-        let grads = loss.backward().unwrap();
-        let mut worst = 0f32;
-        for (module, pair) in c.model.lora_pairs() {
-            for (which, var) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
-                let g = grads.get(var.as_tensor()).expect("LoRA gradient");
-                let r = &c.expected[&format!("grad.{module}.{which}")];
-                worst = worst.max(l2(&(cpu_f32(g) - r).unwrap()) / l2(r));
-            }
-        }
+        let worst = worst_lora_gradient(&c, &loss.backward().unwrap());
         eprintln!("{name} cuda f32: base logits {d_base:.2e}, lora logits {d:.2e}, loss rel {rel:.2e}, worst LoRA grad rel {worst:.2e}");
         assert!(
             d_base <= 2e-4 && d <= 2e-4,
@@ -211,15 +216,7 @@ fn fixtures_in_bf16_on_cuda_stay_near_the_f32_reference() {
         let ours = cpu_f32(&loss).to_scalar::<f32>().unwrap();
         let theirs = c.expected["loss_lora"].to_scalar::<f32>().unwrap();
         let rel = ((ours - theirs) / theirs).abs();
-        let grads = loss.backward().unwrap();
-        let mut worst = 0f32;
-        for (module, pair) in c.model.lora_pairs() {
-            for (which, var) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
-                let g = grads.get(var.as_tensor()).expect("LoRA gradient");
-                let r = &c.expected[&format!("grad.{module}.{which}")];
-                worst = worst.max(l2(&(cpu_f32(g) - r).unwrap()) / l2(r));
-            }
-        }
+        let worst = worst_lora_gradient(&c, &loss.backward().unwrap());
         eprintln!("{name} cuda bf16: loss {ours:.5} vs {theirs:.5} (rel {rel:.2e}), worst LoRA grad rel {worst:.2e}");
         assert!(rel <= 2e-2, "{name}: bf16 loss {ours} vs {theirs}");
         assert!(worst <= 0.15, "{name}: bf16 LoRA gradient off by {worst:e}");
