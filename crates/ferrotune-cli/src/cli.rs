@@ -41,8 +41,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Memory estimate for a training config: fits / does not fit on a GPU or Azure VM size.
     Plan(PlanArgs),
-    /// Export a checkpoint as an MLflow model folder.
-    Export(Unbuilt),
+    /// Export a checkpoint as an MLflow model folder (or a PEFT adapter), or verify an export.
+    Export(ExportArgs),
     /// The local model registry.
     Models(Unbuilt),
     /// Serve a model over HTTP (Azure scoring contract and OpenAI chat API).
@@ -78,6 +78,45 @@ pub struct TrainArgs {
     /// Print the resolved config and the memory plan, then stop (nothing is loaded).
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A checkpoint folder, a training output_dir (its newest checkpoint) or a PEFT adapter
+    /// folder. With --verify: the checkpoint to compare with (default: the one the export names).
+    #[arg(long, required_unless_present = "verify")]
+    pub checkpoint: Option<PathBuf>,
+    /// The folder to create.
+    #[arg(long, required_unless_present = "verify", conflicts_with = "verify")]
+    pub out: Option<PathBuf>,
+    /// Fold the adapter into the base weights and write an MLflow model folder (the default).
+    #[arg(long, conflicts_with = "adapter_only")]
+    pub merge: bool,
+    /// Write the PEFT adapter and a model card instead.
+    #[arg(long)]
+    pub adapter_only: bool,
+    /// Weights dtype: bf16 (merged default), f16 or f32 (adapter default).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// MLflow inference task.
+    #[arg(long, default_value = "llm/v1/chat")]
+    pub task: String,
+    /// Replace --out if it exists (only once the new folder is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// Largest safetensors shard: 500MB (MLflow's default), 5GB, 2GiB, or bytes.
+    #[arg(
+        long,
+        env = "MLFLOW_HUGGINGFACE_MODEL_MAX_SHARD_SIZE",
+        default_value = "500MB"
+    )]
+    pub max_shard_size: String,
+    /// The base model, when it is no longer where the checkpoint says.
+    #[arg(long)]
+    pub base_model: Option<String>,
+    /// Check an exported folder: complete, loadable, and answering as its checkpoint does.
+    #[arg(long, value_name = "DIR")]
+    pub verify: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -71,3 +71,9 @@ impl From<ferrotune_train::TrainError> for Failure {
         Failure::classified(e.is_usage(), e.to_string())
     }
 }
+
+impl From<ferrotune_export::ExportError> for Failure {
+    fn from(e: ferrotune_export::ExportError) -> Failure {
+        Failure::classified(e.is_usage(), e.to_string())
+    }
+}

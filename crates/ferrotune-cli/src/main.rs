@@ -41,7 +41,7 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Eval(args) => commands::eval::run(args, json),
         Command::Generate(args) => commands::generate::run(args, json),
         Command::Plan(args) => commands::plan::run(args, json),
-        Command::Export(_) => Err(Failure::not_yet("export", "[export]")),
+        Command::Export(args) => commands::export::run(args, json),
         Command::Models(_) => Err(Failure::not_yet("models", "[export]")),
         Command::Serve(_) => Err(Failure::not_yet("serve", "[serve]")),
         Command::Invoke(_) => Err(Failure::not_yet("invoke", "[serve]")),

@@ -11,12 +11,17 @@ pub struct RowBar {
 
 impl RowBar {
     pub fn new(enabled: bool) -> RowBar {
+        RowBar::counting(enabled, "rows")
+    }
+
+    /// A bar counting `unit`s (`rows`, `tensors`, ...).
+    pub fn counting(enabled: bool, unit: &str) -> RowBar {
         let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {bar:32} {pos}/{len} rows  {per_sec}  eta {eta}",
-                )
+                ProgressStyle::with_template(&format!(
+                    "{{spinner}} {{bar:32}} {{pos}}/{{len}} {unit}  {{per_sec}}  eta {{eta}}"
+                ))
                 .expect("static template"),
             );
             bar

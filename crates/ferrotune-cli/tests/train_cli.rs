@@ -358,3 +358,108 @@ fn packed_data_trains_from_raw_files() {
         .unwrap()
         .is_finite());
 }
+
+#[test]
+fn a_trained_run_exports_verifies_and_is_a_model_for_every_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "max_steps: 8\nsave_steps: 8\neval_steps: 8\n");
+    ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .assert()
+        .success();
+    let out = tmp.path().join("out");
+    let exported = tmp.path().join("exported");
+    let export = |extra: &[&str]| {
+        let mut cmd = ferrotune();
+        cmd.args(["export", "--checkpoint"])
+            .arg(&out)
+            .arg("--out")
+            .arg(&exported)
+            .args(["--dtype", "f32"])
+            .args(extra);
+        cmd
+    };
+    let report = json_ok(export(&[]).arg("--json"));
+    assert_eq!(report["mode"], "merged");
+    assert_eq!(report["lineage"]["step"], 8);
+    assert!(report["lineage"]["checkpoint"]
+        .as_str()
+        .unwrap()
+        .ends_with("checkpoint-8"));
+    export(&[])
+        .assert()
+        .code(2)
+        .stderr(contains("already exists; pass --force"));
+    export(&["--force"]).assert().success();
+
+    // The checkpoint named in MLmodel is found by --verify on its own.
+    let v = json_ok(
+        ferrotune()
+            .args(["--json", "export", "--verify"])
+            .arg(&exported),
+    );
+    assert_eq!(v["kind"], "mlflow");
+    assert_eq!(v["answers"].as_array().unwrap().len(), 3);
+
+    // generate: the export answers as base + adapter does.
+    let answer = |model: &Path, adapter: Option<&Path>| -> Value {
+        let mut cmd = ferrotune();
+        cmd.args(["--json", "generate", "--model"]).arg(model);
+        if let Some(a) = adapter {
+            cmd.arg("--adapter").arg(a);
+        }
+        json_ok(cmd.args([
+            "--prompt",
+            "The capital of Peru is",
+            "--max-new-tokens",
+            "12",
+        ]))
+    };
+    let base = fixtures().join("models/tiny_phi3_chat");
+    assert_eq!(
+        answer(&exported, None)["token_ids"],
+        answer(&base, Some(&out.join("adapter")))["token_ids"]
+    );
+    // eval and train take the MLflow folder as --model / model.
+    let prepared = tmp.path().join("prepared");
+    ferrotune()
+        .args(["data", "prepare", "--input"])
+        .arg(fixtures().join("ultrachat_sample/jsonl"))
+        .args(["--split", "test_sft", "--tokenizer"])
+        .arg(exported.join("components/tokenizer"))
+        .arg("--out")
+        .arg(&prepared)
+        .assert()
+        .success();
+    let e = json_ok(
+        ferrotune()
+            .args(["--json", "eval", "--model"])
+            .arg(&exported)
+            .arg("--data")
+            .arg(&prepared),
+    );
+    assert!(e["loss"].as_f64().unwrap() > 0.0);
+    let again = config(
+        tmp.path(),
+        &format!(
+            "model: {}\noutput_dir: again\nmax_steps: 2\n",
+            exported.display()
+        ),
+    );
+    ferrotune()
+        .args(["train", "--dry-run", "--config"])
+        .arg(&again)
+        .assert()
+        .success();
+
+    ferrotune()
+        .args(["export", "--checkpoint"])
+        .arg(tmp.path().join("nowhere"))
+        .arg("--out")
+        .arg(tmp.path().join("x"))
+        .assert()
+        .code(2)
+        .stderr(contains("no such folder"));
+}

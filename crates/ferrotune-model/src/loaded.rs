@@ -8,11 +8,14 @@ use candle_core::{DType, Device};
 use crate::config::Phi3Config;
 use crate::error::{ModelError, Result};
 use crate::phi3::Phi3;
-use crate::weights::{resolve_model, SafetensorsWeights};
+use crate::weights::{resolve_model, tokenizer_dir_for, SafetensorsWeights};
 
 /// A model ready to run, and where it came from.
 pub struct LoadedModel {
+    /// The weights folder (`model/` of an MLflow folder).
     pub dir: PathBuf,
+    /// Where the tokenizer files are (the same folder, or an MLflow folder's tokenizer component).
+    pub tokenizer_dir: PathBuf,
     pub model: Phi3,
     /// Ids that end generation: config.json's and generation_config.json's `eos_token_id`.
     pub stop_ids: Vec<u32>,
@@ -41,6 +44,7 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedMod
         }
     }
     Ok(LoadedModel {
+        tokenizer_dir: tokenizer_dir_for(&dir),
         dir,
         model,
         stop_ids,

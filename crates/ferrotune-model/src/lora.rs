@@ -134,12 +134,17 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Fold the adapter into the base weight (`W + scale·B·A`); the adapter is kept aside so
+    /// Fold the adapter into the base weight (`W + scale·B·A`, summed in f32 and rounded once
+    /// to the weight's dtype, as `ferrotune export` merges); the adapter is kept aside so
     /// [`Linear::unmerge`] can restore the base.
     pub fn merge(&mut self) -> Result<()> {
         if let Some(pair) = self.lora.take() {
             let w = self.base.weight();
-            let merged = (w + pair.delta_weight(w.dtype())?)?;
+            // Detached: the sum would otherwise keep its autograd inputs (the old weight and
+            // f32 copies, a model's worth of memory) alive through the adapter's variables.
+            let merged = (w.to_dtype(DType::F32)? + pair.delta_weight(DType::F32)?)?
+                .to_dtype(w.dtype())?
+                .detach();
             self.base = FrozenMatmul::new(merged);
             self.merged = Some(pair);
         }
@@ -150,7 +155,9 @@ impl Linear {
     pub fn unmerge(&mut self) -> Result<()> {
         if let Some(pair) = self.merged.take() {
             let w = self.base.weight();
-            let base = (w - pair.delta_weight(w.dtype())?)?;
+            let base = (w.to_dtype(DType::F32)? - pair.delta_weight(DType::F32)?)?
+                .to_dtype(w.dtype())?
+                .detach();
             self.base = FrozenMatmul::new(base);
             self.lora = Some(pair);
         }

@@ -99,8 +99,16 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     })
 }
 
-/// Attach the adapter in `dir` to `model` (replacing any adapter it had), weights as f32 `Var`s.
-pub fn load_adapter(model: &mut Phi3, dir: &Path) -> Result<LoraConfig> {
+/// One adapted module of an adapter file: its path (`model.layers.0.self_attn.qkv_proj`),
+/// `lora_A` `[r, in]` and `lora_B` `[out, r]` as stored.
+pub struct AdapterPair {
+    pub module: String,
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// Read the adapter in `dir` (config and weights) without a model, on the CPU.
+pub fn read_adapter(dir: &Path) -> Result<(LoraConfig, Vec<AdapterPair>)> {
     let cfg = read_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
     let bad = |m: String| ModelError::Adapter {
@@ -132,16 +140,40 @@ pub fn load_adapter(model: &mut Phi3, dir: &Path) -> Result<LoraConfig> {
             entry.1 = Some(t);
         }
     }
+    let mut out = Vec::with_capacity(pairs.len());
+    for (module, (a, b)) in pairs {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(bad(format!("{module} has only one of lora_A/lora_B")));
+        };
+        if a.dims().first() != Some(&cfg.r) || b.dims().get(1) != Some(&cfg.r) {
+            return Err(bad(format!(
+                "{module}: lora_A {:?} and lora_B {:?} do not have rank r={}",
+                a.dims(),
+                b.dims(),
+                cfg.r
+            )));
+        }
+        out.push(AdapterPair { module, a, b });
+    }
+    out.sort_by(|x, y| x.module.cmp(&y.module));
+    Ok((cfg, out))
+}
+
+/// Attach the adapter in `dir` to `model` (replacing any adapter it had), weights as f32 `Var`s.
+pub fn load_adapter(model: &mut Phi3, dir: &Path) -> Result<LoraConfig> {
+    let (cfg, pairs) = read_adapter(dir)?;
+    let path = dir.join(WEIGHTS_FILE);
+    let bad = |m: String| ModelError::Adapter {
+        path: path.clone(),
+        message: m,
+    };
     let device = model.device().clone();
     for linear_path in all_linear_paths(model) {
         if let Some(linear) = model.linear_mut(&linear_path) {
             linear.lora = None;
         }
     }
-    for (module, (a, b)) in pairs {
-        let (Some(a), Some(b)) = (a, b) else {
-            return Err(bad(format!("{module} has only one of lora_A/lora_B")));
-        };
+    for AdapterPair { module, a, b } in pairs {
         let linear = model
             .linear_mut(&module)
             .ok_or_else(|| bad(format!("{module} is not a linear of this model")))?;

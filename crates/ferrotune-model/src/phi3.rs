@@ -186,6 +186,23 @@ impl Phi3 {
         Ok(())
     }
 
+    /// Round every base weight through `dtype` and back, keeping the compute dtype: the weights
+    /// a copy of this model stored in `dtype` holds (what an export's check compares with).
+    pub fn round_frozen_weights(&mut self, dtype: DType) -> Result<()> {
+        let round = |t: &Tensor| t.to_dtype(dtype)?.to_dtype(t.dtype());
+        self.embed_tokens = round(&self.embed_tokens)?;
+        self.norm = round(&self.norm)?;
+        self.lm_head = FrozenMatmul::new(round(self.lm_head.weight())?);
+        for layer in &mut self.layers {
+            layer.input_layernorm = round(&layer.input_layernorm)?;
+            layer.post_attention_layernorm = round(&layer.post_attention_layernorm)?;
+            for (_, linear) in layer.linears_mut() {
+                linear.base = FrozenMatmul::new(round(linear.base.weight())?);
+            }
+        }
+        Ok(())
+    }
+
     /// Undo [`Phi3::merge_lora`].
     pub fn unmerge_lora(&mut self) -> Result<()> {
         for layer in &mut self.layers {

@@ -48,6 +48,29 @@ impl SafetensorsWeights {
     }
 }
 
+impl SafetensorsWeights {
+    /// Every stored tensor: name, stored dtype and shape, in no particular order.
+    pub fn entries(&self) -> Vec<(String, DType, Vec<usize>)> {
+        self.index
+            .iter()
+            .map(|(name, (_, dtype, shape, _, _))| (name.clone(), *dtype, shape.clone()))
+            .collect()
+    }
+
+    /// One tensor in the run's dtype, whatever its shape.
+    pub fn tensor_any_shape(&self, name: &str) -> Result<Tensor> {
+        let shape =
+            self.index
+                .get(name)
+                .map(|e| e.2.clone())
+                .ok_or_else(|| ModelError::Weights {
+                    path: self.dir.clone(),
+                    message: format!("tensor `{name}` is missing"),
+                })?;
+        self.tensor(name, &shape)
+    }
+}
+
 type HeaderEntry = (DType, Vec<usize>, u64, u64);
 
 /// Parse a safetensors header: name → (dtype, shape, absolute start, absolute end).
@@ -195,8 +218,20 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// A folder as is, or a hub id (`microsoft/Phi-3-mini-4k-instruct`) found in the Hugging Face
 /// cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), offline.
+/// An MLflow model folder (`MLmodel`, weights in `model/`, tokenizer in
+/// `components/tokenizer/`) resolves to its weights folder.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let path = Path::new(spec);
+    if path.join(MLMODEL_FILE).is_file() {
+        let weights = path.join(MLFLOW_WEIGHTS_DIR);
+        if weights.join("config.json").is_file() {
+            return Ok(weights);
+        }
+        return Err(ModelError::NotFound(format!(
+            "{spec} is an MLflow model folder without weights in {MLFLOW_WEIGHTS_DIR}/ (saved with \
+             save_pretrained=False?); export it again with `ferrotune export`, or pass the base model"
+        )));
+    }
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
@@ -230,6 +265,24 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
             repo.display()
         ))),
     }
+}
+
+/// The file that marks an MLflow model folder.
+pub const MLMODEL_FILE: &str = "MLmodel";
+/// Where `mlflow.transformers` keeps the weights (its `model_binary`) and the tokenizer.
+pub const MLFLOW_WEIGHTS_DIR: &str = "model";
+pub const MLFLOW_TOKENIZER_DIR: &str = "components/tokenizer";
+
+/// The tokenizer of a resolved model folder: the folder itself, or an MLflow folder's
+/// `components/tokenizer/` when `weights_dir` is the `model/` inside one.
+pub fn tokenizer_dir_for(weights_dir: &Path) -> PathBuf {
+    if let Some(root) = weights_dir.parent() {
+        let tokenizer = root.join(MLFLOW_TOKENIZER_DIR);
+        if root.join(MLMODEL_FILE).is_file() && tokenizer.join("tokenizer.json").is_file() {
+            return tokenizer;
+        }
+    }
+    weights_dir.to_path_buf()
 }
 
 fn hub_cache_dir() -> PathBuf {

@@ -12,15 +12,15 @@ use crate::failure::Failure;
 
 pub fn run(args: &GenerateArgs, json_out: bool) -> Result<(), Failure> {
     let loaded = model_args::load(&args.model)?;
-    let tokenizer = Tokenizer::load(&loaded.dir)?;
+    let tokenizer = Tokenizer::load(&loaded.tokenizer_dir)?;
     let prompt_ids = match (&args.prompt, &args.messages) {
         (Some(text), _) => tokenizer
             .encode_prompt(text)
             .map_err(|e| Failure::runtime(format!("tokenizing the prompt: {e}")))?,
         (None, Some(file)) => {
             let messages = read_messages(file)?;
-            let specials = SpecialTokens::from_tokenizer_dir(&loaded.dir)?;
-            let template = ChatTemplate::from_tokenizer_dir(&loaded.dir, specials)?;
+            let specials = SpecialTokens::from_tokenizer_dir(&loaded.tokenizer_dir)?;
+            let template = ChatTemplate::from_tokenizer_dir(&loaded.tokenizer_dir, specials)?;
             let text = template
                 .render(&messages, true)
                 .map_err(|e| Failure::usage(format!("{}: chat template: {e}", file.display())))?;
@@ -35,7 +35,7 @@ pub fn run(args: &GenerateArgs, json_out: bool) -> Result<(), Failure> {
     if let Some(bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(Failure::usage(format!(
             "token id {bad} is outside the model's vocabulary of {vocab}: the tokenizer in {} does not belong to this model",
-            loaded.dir.display()
+            loaded.tokenizer_dir.display()
         )));
     }
     let sampling = Sampling {

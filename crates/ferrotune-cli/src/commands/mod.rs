@@ -3,6 +3,7 @@ pub mod bench_train;
 pub mod bench_trainer;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod model_args;
 pub mod plan;

@@ -194,6 +194,12 @@ fn answers(
         }
         None => None,
     };
-    let answers = chat_answers(&loaded.model, &loaded.dir, &loaded.stop_ids, &QUESTIONS, 24)?;
+    let answers = chat_answers(
+        &loaded.model,
+        &loaded.tokenizer_dir,
+        &loaded.stop_ids,
+        &QUESTIONS,
+        24,
+    )?;
     Ok((answers, metrics))
 }

@@ -90,7 +90,10 @@ pub fn train(
     let model_dir = resolve_model(&cfg.model)?;
     let model_cfg = Phi3Config::from_dir(&model_dir)?;
     let seq = max_seq_length(cfg, &model_cfg)?;
-    let tokenizer = cfg.tokenizer.clone().unwrap_or_else(|| model_dir.clone());
+    let tokenizer = cfg
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| ferrotune_model::weights::tokenizer_dir_for(&model_dir));
     let resume_from = match resume {
         Some(spec) => checkpoint::resolve_resume(spec, &cfg.output_dir)?,
         None => None,
