@@ -109,9 +109,49 @@ experiment_name: ferrotune-ci
             assert a in arts, f"artifact {a} missing: {sorted(arts)}"
         print(f"mlflow check ok: run {run.info.run_id}, {len(params)} params, {compared} metric points "
               f"identical to metrics.jsonl, {len(arts)} artifacts")
+        check_registry_push(args.ferrotune, work, uri, client, run)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def check_registry_push(ferrotune, work, uri, client, run):
+    """Export the run, register it locally, push it to the server's model registry, and read
+    the version back with MLflow's client: linked to the training run, lineage as tags, the alias
+    carried over, every exported file downloadable and MLmodel readable by MLflow."""
+    env = dict(os.environ, FERROTUNE_HOME=f"{work}/home")
+    export = f"{work}/export"
+    subprocess.run([ferrotune, "export", "--checkpoint", f"{work}/out", "--out", export], check=True, env=env)
+    reg = json.loads(subprocess.run(
+        [ferrotune, "--json", "models", "register", "--path", export, "--name", "tiny-ci", "--tag", "team=ci"],
+        check=True, env=env, capture_output=True, text=True).stdout)
+    assert reg["lineage"]["training_run_id"] == run.info.run_id, reg["lineage"]
+    subprocess.run([ferrotune, "models", "alias", "tiny-ci", "prod", str(reg["version"])], check=True, env=env)
+    pushed = json.loads(subprocess.run(
+        [ferrotune, "--json", "models", "push", "tiny-ci@prod", "--to", uri],
+        check=True, env=env, capture_output=True, text=True).stdout)
+    assert pushed["training_run"], pushed
+    mv = client.get_model_version("tiny-ci", pushed["version"])
+    assert mv.status == "READY", mv.status
+    assert mv.run_id == run.info.run_id, (mv.run_id, run.info.run_id)
+    assert mv.tags["ferrotune.local_version"] == str(reg["version"]), mv.tags
+    assert mv.tags["ferrotune.lineage.data_cache_key"] == run.data.tags["ferrotune.data_cache_key"], mv.tags
+    assert mv.tags["team"] == "ci", mv.tags
+    assert client.get_registered_model("tiny-ci").aliases == {"prod": pushed["version"]}
+    mlflow.set_registry_uri(uri)
+    dst = mlflow.artifacts.download_artifacts("models:/tiny-ci@prod", dst_path=f"{work}/download",
+                                             tracking_uri=uri)
+    mine = sorted(os.path.relpath(os.path.join(d, f), export) for d, _, fs in os.walk(export) for f in fs)
+    theirs = sorted(os.path.relpath(os.path.join(d, f), dst) for d, _, fs in os.walk(dst) for f in fs
+                    if f != "registered_model_meta")
+    assert mine == theirs, (mine, theirs)
+    for f in mine:
+        assert open(os.path.join(export, f), "rb").read() == open(os.path.join(dst, f), "rb").read(), f
+    model = mlflow.models.Model.load(os.path.join(dst, "MLmodel"))
+    assert set(model.flavors) == {"python_function", "transformers"}, model.flavors
+    assert model.metadata["task"] == "llm/v1/chat"
+    print(f"registry check ok: tiny-ci:{reg['version']} pushed as version {mv.version}, linked to the "
+          f"training run, {len(mine)} files identical after the round trip")
 
 
 if __name__ == "__main__":

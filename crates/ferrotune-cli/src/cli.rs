@@ -43,8 +43,8 @@ pub enum Command {
     Plan(PlanArgs),
     /// Export a checkpoint as an MLflow model folder (or a PEFT adapter), or verify an export.
     Export(ExportArgs),
-    /// The local model registry.
-    Models(Unbuilt),
+    /// The local model registry: register, list, show, alias, export, push, delete.
+    Models(ModelsArgs),
     /// Serve a model over HTTP (Azure scoring contract and OpenAI chat API).
     Serve(Unbuilt),
     /// Call a scoring endpoint with a request file.
@@ -117,6 +117,80 @@ pub struct ExportArgs {
     /// Check an exported folder: complete, loadable, and answering as its checkpoint does.
     #[arg(long, value_name = "DIR")]
     pub verify: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ModelsArgs {
+    /// Registry folder (registry.db and stored models).
+    #[arg(long, env = "FERROTUNE_HOME", default_value_os_t = ferrotune_registry::default_home(), global = true)]
+    pub home: PathBuf,
+    #[command(subcommand)]
+    pub command: ModelsCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// Register an exported folder (MLflow model or PEFT adapter) as a new version.
+    #[command(disable_version_flag = true)]
+    Register(ModelsRegisterArgs),
+    /// Registered models with their latest version and aliases.
+    List,
+    /// A model's versions (NAME), or one version with its lineage (NAME:VERSION, NAME@ALIAS).
+    Show { spec: String },
+    /// Delete a version (NAME:VERSION, NAME@ALIAS), or a model with all its versions (NAME --all).
+    Delete {
+        spec: String,
+        /// Delete every version of the model and the model itself.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Point ALIAS at VERSION of NAME (moving it if set), or remove it with --delete.
+    #[command(disable_version_flag = true)]
+    Alias {
+        name: String,
+        alias: String,
+        #[arg(required_unless_present = "delete")]
+        version: Option<u64>,
+        #[arg(long)]
+        delete: bool,
+    },
+    /// Copy a version's folder out (NAME:VERSION --out DIR).
+    Export {
+        spec: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Push a version to an MLflow model registry (a `mlflow server`; token from MLFLOW_TRACKING_TOKEN).
+    Push {
+        spec: String,
+        /// The MLflow server, http(s)://host:port.
+        #[arg(long, env = "MLFLOW_TRACKING_URI")]
+        to: String,
+        /// Registered model name there (default: the local name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ModelsRegisterArgs {
+    /// A folder written by `ferrotune export` (MLflow model or PEFT adapter).
+    #[arg(long)]
+    pub path: PathBuf,
+    /// Registered model name (default: `<base model>-ultrachat-200k`, from the lineage).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Version number (default: the current Unix time in seconds, as the source document does).
+    #[arg(long)]
+    pub version: Option<u64>,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// A tag (repeatable): --tag team=nlp.
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -360,4 +434,15 @@ pub struct BenchTrainArgs {
     /// Override one key of --config (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
     pub sets: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_s_flags_are_consistent() {
+        // clap checks flag clashes only when a subcommand is parsed; check them all here.
+        super::Cli::command().debug_assert();
+    }
 }

@@ -33,7 +33,7 @@ impl Failure {
     pub fn not_yet(command: &str, tag: &str) -> Failure {
         Failure::usage(format!(
             "`ferrotune {command}` is not yet available in this build (tracked under {tag}); \
-             `ferrotune data prepare|inspect|stats`, `train`, `plan`, `generate`, `eval`, `run` and `bench data|train` work today"
+             `ferrotune data prepare|inspect|stats`, `train`, `plan`, `generate`, `eval`, `export`, `models`, `run` and `bench data|train` work today"
         ))
     }
 }
@@ -74,6 +74,12 @@ impl From<ferrotune_train::TrainError> for Failure {
 
 impl From<ferrotune_export::ExportError> for Failure {
     fn from(e: ferrotune_export::ExportError) -> Failure {
+        Failure::classified(e.is_usage(), e.to_string())
+    }
+}
+
+impl From<ferrotune_registry::RegistryError> for Failure {
+    fn from(e: ferrotune_registry::RegistryError) -> Failure {
         Failure::classified(e.is_usage(), e.to_string())
     }
 }

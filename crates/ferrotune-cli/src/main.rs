@@ -42,7 +42,7 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Generate(args) => commands::generate::run(args, json),
         Command::Plan(args) => commands::plan::run(args, json),
         Command::Export(args) => commands::export::run(args, json),
-        Command::Models(_) => Err(Failure::not_yet("models", "[export]")),
+        Command::Models(args) => commands::models::run(args, json),
         Command::Serve(_) => Err(Failure::not_yet("serve", "[serve]")),
         Command::Invoke(_) => Err(Failure::not_yet("invoke", "[serve]")),
         Command::Azure(_) => Err(Failure::not_yet("azure", "[azure]")),

@@ -246,9 +246,12 @@ fn ctrl_c_checkpoints_exits_130_and_resume_finishes_the_run() {
 #[test]
 fn run_with_no_arguments_fine_tunes_the_bundled_model_then_resumes_as_done() {
     let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
     let run = || {
         let mut cmd = ferrotune();
-        cmd.current_dir(tmp.path()).args(["run", "--json"]);
+        cmd.current_dir(tmp.path())
+            .env("FERROTUNE_HOME", &home)
+            .args(["run", "--json"]);
         cmd
     };
     let out = run().output().unwrap();
@@ -274,6 +277,8 @@ fn run_with_no_arguments_fine_tunes_the_bundled_model_then_resumes_as_done() {
         "data/validation/manifest.json",
         "train/adapter/adapter_model.safetensors",
         "train/loss.svg",
+        "export/MLmodel",
+        "export/model/model.safetensors",
     ] {
         assert!(work.join(f).is_file(), "{f} missing");
     }
@@ -288,6 +293,24 @@ fn run_with_no_arguments_fine_tunes_the_bundled_model_then_resumes_as_done() {
     assert!(stderr.contains("train: cache hit"), "{stderr}");
     let again: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(again["train"]["steps"], v["train"]["steps"]);
+    // Exported, verified and registered once, with its lineage.
+    assert_eq!(v["registered"]["name"], "tiny_phi3_base-ultrachat-200k");
+    assert_eq!(again["registered"]["version"], v["registered"]["version"]);
+    let shown = json_ok(ferrotune().env("FERROTUNE_HOME", &home).args([
+        "--json",
+        "models",
+        "show",
+        "tiny_phi3_base-ultrachat-200k",
+    ]));
+    assert_eq!(
+        shown.as_array().unwrap().len(),
+        1,
+        "registered once: {shown}"
+    );
+    assert_eq!(
+        shown[0]["lineage"]["step"], v["train"]["steps"],
+        "lineage names the final step"
+    );
     assert_eq!(
         again["train"]["final_eval"]["loss"],
         v["train"]["final_eval"]["loss"]

@@ -25,6 +25,11 @@ pub struct Lineage {
     pub base_model_fingerprint: String,
     #[serde(default)]
     pub checkpoint: Option<String>,
+    /// The MLflow run that trained it (`output_dir/mlflow_run.json`), when it was tracked.
+    #[serde(default)]
+    pub training_run_id: Option<String>,
+    #[serde(default)]
+    pub tracking_uri: Option<String>,
     #[serde(default)]
     pub step: Option<u64>,
     #[serde(default)]
@@ -49,6 +54,9 @@ pub struct Lineage {
 impl Lineage {
     pub fn of(source: &Source, export_kind: &str, git_commit: Option<&str>) -> Result<Lineage> {
         let state = source.state.as_ref();
+        let run = source.checkpoint.as_ref().and_then(|c| training_run(c));
+        let text =
+            |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
         Ok(Lineage {
             ferrotune_version: env!("CARGO_PKG_VERSION").to_string(),
             git_commit: git_commit.filter(|c| !c.is_empty()).map(str::to_owned),
@@ -61,6 +69,8 @@ impl Lineage {
                 .as_ref()
                 .or(Some(&source.adapter_dir))
                 .map(|p| absolute(p).display().to_string()),
+            training_run_id: run.as_ref().and_then(|r| text(r, "run_id")),
+            tracking_uri: run.as_ref().and_then(|r| text(r, "tracking_uri")),
             step: state.map(|s| s.global_step),
             epoch: state.map(|s| s.epoch),
             tokens_seen: state.map(|s| s.tokens_seen),
@@ -76,6 +86,15 @@ impl Lineage {
         })
     }
 }
+
+/// `mlflow_run.json` of the training output a checkpoint sits in.
+fn training_run(checkpoint: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(checkpoint.parent()?.join(TRAINING_RUN_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Written by `ferrotune train` into output_dir when the run is tracked in MLflow.
+pub const TRAINING_RUN_FILE: &str = "mlflow_run.json";
 
 fn absolute(p: &Path) -> std::path::PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())

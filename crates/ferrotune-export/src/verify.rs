@@ -196,6 +196,12 @@ pub fn verify(
     })
 }
 
+/// The checkpoint an export names in its lineage, if it is an export at all.
+pub fn exported_from(dir: &Path) -> Option<PathBuf> {
+    let m = read_mlmodel(dir).ok()?;
+    lineage_in(&m)?.checkpoint.map(PathBuf::from)
+}
+
 fn lineage_in(mlmodel: &Value) -> Option<Lineage> {
     let v = mlmodel.get("metadata")?.get("ferrotune")?;
     serde_json::from_value(v.clone()).ok()

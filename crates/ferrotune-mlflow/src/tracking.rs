@@ -82,7 +82,16 @@ impl TrackingClient {
         &self.base
     }
 
-    fn send(&self, req: reqwest::blocking::RequestBuilder, endpoint: &str) -> Result<Value> {
+    pub(crate) fn get(&self, endpoint: &str, query: &[(&str, &str)]) -> Result<Value> {
+        let url = format!("{}/api/2.0/mlflow/{endpoint}", self.base);
+        self.send(self.http.get(url).query(query), endpoint)
+    }
+
+    pub(crate) fn send(
+        &self,
+        req: reqwest::blocking::RequestBuilder,
+        endpoint: &str,
+    ) -> Result<Value> {
         let req = match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
@@ -106,7 +115,7 @@ impl TrackingClient {
         serde_json::from_str(&text).map_err(|e| MlflowError::Other(format!("{endpoint}: {e}")))
     }
 
-    fn post(&self, endpoint: &str, body: &Value) -> Result<Value> {
+    pub(crate) fn post(&self, endpoint: &str, body: &Value) -> Result<Value> {
         let url = format!("{}/api/2.0/mlflow/{endpoint}", self.base);
         self.send(self.http.post(url).json(body), endpoint)
     }
@@ -210,7 +219,8 @@ impl TrackingClient {
             Some(hosted) => hosted.split_once('/').map_or("", |(_, p)| p).to_string(),
             None => rest.trim_start_matches('/').to_string(),
         };
-        let bytes = std::fs::read(file)
+        // Streamed from disk: shards are hundreds of megabytes.
+        let body = std::fs::File::open(file)
             .map_err(|e| MlflowError::Other(format!("{}: {e}", file.display())))?;
         let url = format!(
             "{}/api/2.0/mlflow-artifacts/artifacts/{}/{}",
@@ -218,12 +228,12 @@ impl TrackingClient {
             path.trim_end_matches('/'),
             artifact_path
         );
-        self.send(self.http.put(url).body(bytes), "mlflow-artifacts")
+        self.send(self.http.put(url).body(body), "mlflow-artifacts")
             .map(|_| ())
     }
 }
 
-fn field(v: &Value, path: &[&str]) -> Result<String> {
+pub(crate) fn field(v: &Value, path: &[&str]) -> Result<String> {
     let mut cur = v;
     for p in path {
         cur = cur

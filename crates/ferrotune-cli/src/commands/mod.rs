@@ -6,6 +6,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod model_args;
+pub mod models;
 pub mod plan;
 pub mod run;
 pub mod tracking;

@@ -1,7 +1,7 @@
 //! `ferrotune run`: the whole pipeline. Without --config it runs on the bundled tiny base model
 //! (Phi-3 vocabulary, pre-trained on plain text, never shown the chat format) and the bundled
-//! ultrachat sample: prepare → train LoRA → evaluate → ask it questions before and after.
-//! Export, register, serve and invoke join as they land.
+//! ultrachat sample: prepare → train LoRA → evaluate → ask it questions before and after →
+//! export an MLflow model folder, verify it, register it. Serve and invoke join as they land.
 
 use std::path::Path;
 
@@ -130,6 +130,9 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
     }
     let (after, _) = answers(&model_dir, summary.adapter.as_deref(), None)?;
 
+    // 3. Export (an MLflow model folder), verify it against the checkpoint, register it.
+    let published = publish(work, &cfg.output_dir)?;
+
     if json {
         let qa: Vec<_> = QUESTIONS
             .iter()
@@ -138,7 +141,9 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
             .collect();
         println!(
             "{}",
-            json!({"workdir": work, "base_eval": base_eval, "train": summary, "answers": qa})
+            json!({"workdir": work, "base_eval": base_eval, "train": summary, "answers": qa,
+                   "export": published.export, "verified": published.verified,
+                   "registered": published.registered})
         );
         return Ok(());
     }
@@ -161,14 +166,89 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
         println!("  Q: {q}\n     base:       {b}\n     fine-tuned: {a}");
     }
     println!(
-        "\nnext: `ferrotune generate --model {} --adapter {} --messages FILE` to ask it more",
-        model_dir.display(),
-        summary
-            .adapter
-            .as_ref()
-            .map_or_else(|| "?".into(), |a| a.display().to_string())
+        "\nexported     {} (MLflow model, bf16; greedy answers verified against {})",
+        published.export.display(),
+        published.verified.display()
+    );
+    println!(
+        "registered   {}:{}{} in {}",
+        published.registered.name,
+        published.registered.version,
+        if published.newly_registered {
+            ""
+        } else {
+            " (already registered)"
+        },
+        ferrotune_registry::default_home().display()
+    );
+    println!(
+        "\nnext: `ferrotune generate --model {} --messages FILE` to ask it more, \
+         `ferrotune models show {}` for its lineage",
+        published.export.display(),
+        published.registered.name
     );
     Ok(())
+}
+
+/// The exported, verified and registered result of a run.
+struct Published {
+    export: std::path::PathBuf,
+    verified: std::path::PathBuf,
+    registered: ferrotune_registry::ModelVersion,
+    newly_registered: bool,
+}
+
+/// Name the bundled model is registered under (the source document's `<model>-ultrachat-200k`).
+const REGISTERED_NAME: &str = "tiny_phi3_base-ultrachat-200k";
+
+/// Export the final checkpoint (again only when it changed), verify, and register it unless
+/// this very folder already is.
+fn publish(work: &Path, output_dir: &Path) -> Result<Published, Failure> {
+    let out = work.join("export");
+    let (_, checkpoint) = ferrotune_train::checkpoint::list(output_dir)
+        .pop()
+        .ok_or_else(|| Failure::runtime("the finished run left no checkpoint to export"))?;
+    let current = ferrotune_export::verify::exported_from(&out);
+    let checkpoint = std::fs::canonicalize(&checkpoint).unwrap_or(checkpoint);
+    if current.as_deref() != Some(checkpoint.as_path()) {
+        let opts = ferrotune_export::ExportOptions {
+            checkpoint: checkpoint.clone(),
+            out: out.clone(),
+            mode: ferrotune_export::Mode::Merged,
+            dtype: None,
+            task: "llm/v1/chat".into(),
+            force: true,
+            max_shard_bytes: ferrotune_export::DEFAULT_MAX_SHARD_BYTES,
+            base_model: None,
+            git_commit: Some(env!("FERROTUNE_GIT_COMMIT").to_string()),
+        };
+        crate::commands::export::run_export(&opts, false)?;
+    }
+    let report = ferrotune_export::verify(&out, Some(&checkpoint), None)?;
+    let mut reg = ferrotune_registry::Registry::open(&ferrotune_registry::default_home())?;
+    let (key, _) = ferrotune_registry::artifacts::content_key(&out)?;
+    let existing = reg
+        .versions(REGISTERED_NAME)?
+        .into_iter()
+        .find(|v| v.artifact == key);
+    let newly_registered = existing.is_none();
+    let registered = match existing {
+        Some(v) => v,
+        None => reg.register(&ferrotune_registry::RegisterRequest {
+            path: out.clone(),
+            name: Some(REGISTERED_NAME.into()),
+            description:
+                "ferrotune run: the bundled tiny model fine-tuned on the bundled ultrachat sample"
+                    .into(),
+            ..Default::default()
+        })?,
+    };
+    Ok(Published {
+        export: out,
+        verified: report.checkpoint,
+        registered,
+        newly_registered,
+    })
 }
 
 /// Greedy answers to [`QUESTIONS`] (and, given prepared data, the eval metrics on it).

@@ -39,6 +39,9 @@ pub struct RunIdentity {
     pub run_name: String,
     pub params: Vec<(String, String)>,
     pub tags: Vec<(String, String)>,
+    /// Where the run's id is recorded once MLflow has it (`output_dir/mlflow_run.json`), so
+    /// exports can name the training run in their lineage.
+    pub run_file: PathBuf,
 }
 
 /// An [`Observer`] that forwards records to the worker.
@@ -75,6 +78,9 @@ pub fn identity(cfg: &TrainConfig, data_cache_key: &str) -> RunIdentity {
             .clone()
             .unwrap_or_else(|| format!("chat_completion_{}", cfg.model_name())),
         run_name: cfg.run_name.clone().unwrap_or_else(|| cfg.display_name()),
+        run_file: cfg
+            .output_dir
+            .join(ferrotune_export::lineage::TRAINING_RUN_FILE),
         params,
         tags: vec![
             ("mlflow.source.name".into(), "ferrotune".into()),
@@ -168,6 +174,20 @@ impl Drop for MlflowObserver {
                 let _ = w.join();
             }
         }
+    }
+}
+
+/// Write `run_file` atomically; a failure only costs the lineage link, so it is a warning.
+fn record_run(run_file: &std::path::Path, run: &serde_json::Value) {
+    let tmp = run_file.with_extension("json.tmp");
+    let written = std::fs::create_dir_all(run_file.parent().unwrap_or(std::path::Path::new(".")))
+        .and_then(|_| std::fs::write(&tmp, run.to_string()))
+        .and_then(|_| std::fs::rename(&tmp, run_file));
+    if let Err(e) = written {
+        tracing::warn!(
+            "could not record the MLflow run in {}: {e}",
+            run_file.display()
+        );
     }
 }
 
@@ -265,6 +285,16 @@ impl Worker {
                 self.id.experiment,
                 self.client.uri(),
                 run.0
+            );
+            record_run(
+                &self.id.run_file,
+                &serde_json::json!({
+                    "tracking_uri": self.client.uri(),
+                    "experiment_id": exp,
+                    "experiment_name": self.id.experiment,
+                    "run_id": run.0,
+                    "artifact_uri": run.1,
+                }),
             );
             self.run = Some(run);
         }
