@@ -5,7 +5,9 @@ Starts `mlflow server` (SQLite backend, artifact proxy on) on a free local port,
 fixture model for a few steps with MLFLOW_TRACKING_URI pointing at it, then reads the run back
 with MLflow's own Python client and compares it with the run's metrics.jsonl: status, run name,
 every config key as a param, the tags, the full history of every metric (values and steps, exact),
-and the uploaded artifacts (adapter, config, metrics, plot).
+and the uploaded artifacts (adapter, config, metrics, plot). Then the registry: the run is
+exported, registered locally, aliased and pushed with `ferrotune models push`, and the version is
+read back (linked to the training run, lineage tags, alias, every file identical after download).
 
 Run (from the repo root, after `cargo build`):
     python scripts/check_mlflow_run.py --ferrotune target/debug/ferrotune
