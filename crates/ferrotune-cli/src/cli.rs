@@ -45,10 +45,10 @@ pub enum Command {
     Export(ExportArgs),
     /// The local model registry: register, list, show, alias, export, push, delete.
     Models(ModelsArgs),
-    /// Serve a model over HTTP (Azure scoring contract and OpenAI chat API).
-    Serve(Unbuilt),
-    /// Call a scoring endpoint with a request file.
-    Invoke(Unbuilt),
+    /// Serve models over HTTP: Azure's /score, MLflow's /invocations, OpenAI's chat API.
+    Serve(ServeArgs),
+    /// Call a scoring endpoint (ferrotune serve or Azure ML) with a request file.
+    Invoke(InvokeArgs),
     /// Register, deploy, score and clean up on Azure ML.
     Azure(Unbuilt),
     /// Throughput benchmarks, side by side with the Python reference.
@@ -191,6 +191,83 @@ pub struct ModelsRegisterArgs {
     /// A tag (repeatable): --tag team=nlp.
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// A folder to serve as deployment `demo`: an MLflow export, an HF model folder or a PEFT
+    /// adapter (its base from adapter_config.json).
+    #[arg(long, conflicts_with_all = ["model", "deployments"])]
+    pub path: Option<PathBuf>,
+    /// A registered model to serve as deployment `demo`: NAME, NAME:VERSION or NAME@ALIAS.
+    #[arg(long, conflicts_with = "deployments")]
+    pub model: Option<String>,
+    /// NAME=SPEC (repeatable): SPEC is a folder or a registered NAME[:VERSION|@ALIAS].
+    #[arg(long = "deployment", value_name = "NAME=SPEC")]
+    pub deployments: Vec<String>,
+    /// Traffic split across deployments: blue=90,green=10 (sums to 100).
+    #[arg(long)]
+    pub traffic: Option<String>,
+    #[arg(long, env = "FERROTUNE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (see --port-file).
+    #[arg(long, env = "FERROTUNE_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Write the bound port here once listening.
+    #[arg(long)]
+    pub port_file: Option<PathBuf>,
+    /// The primary key (Authorization: Bearer KEY or api-key: KEY).
+    #[arg(long, env = "FERROTUNE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A file with the primary key on its first line and optionally a secondary on its second.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Key for PUT /admin/traffic (default: the primary key).
+    #[arg(long, env = "FERROTUNE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Serve without keys on a non-loopback address.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Sequences decoded together per deployment (the continuous batch).
+    #[arg(long, default_value_t = 32)]
+    pub max_concurrency: usize,
+    /// Requests waiting per deployment before 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Per-request limit (the source's request_timeout_ms is 90 s): 90s, 2m, 1500ms.
+    #[arg(long, default_value = "90s")]
+    pub request_timeout: String,
+    /// After SIGTERM, how long in-flight requests may finish.
+    #[arg(long, default_value = "30s")]
+    pub grace: String,
+    /// cpu, cuda or cuda:N (default: CUDA when present).
+    #[arg(long, env = "FERROTUNE_DEVICE")]
+    pub device: Option<String>,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on GPU).
+    #[arg(long, env = "FERROTUNE_DTYPE")]
+    pub dtype: Option<String>,
+    /// Registry folder for --model / registered SPECs.
+    #[arg(long, env = "FERROTUNE_HOME")]
+    pub home: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct InvokeArgs {
+    /// The endpoint: http(s)://host:port (then /score) or a full scoring URI.
+    #[arg(long, env = "FERROTUNE_ENDPOINT")]
+    pub endpoint: String,
+    /// Key sent as Authorization: Bearer KEY.
+    #[arg(long, env = "FERROTUNE_API_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// Pin a deployment (azureml-model-deployment header).
+    #[arg(long)]
+    pub deployment: Option<String>,
+    /// The request body, e.g. the source's sample_score.json.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
 }
 
 #[derive(Args, Debug)]

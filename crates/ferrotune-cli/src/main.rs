@@ -43,8 +43,8 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Plan(args) => commands::plan::run(args, json),
         Command::Export(args) => commands::export::run(args, json),
         Command::Models(args) => commands::models::run(args, json),
-        Command::Serve(_) => Err(Failure::not_yet("serve", "[serve]")),
-        Command::Invoke(_) => Err(Failure::not_yet("invoke", "[serve]")),
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Invoke(args) => commands::invoke::run(args, json),
         Command::Azure(_) => Err(Failure::not_yet("azure", "[azure]")),
     }
 }

@@ -131,7 +131,7 @@ pub fn generate(model: &Phi3, prompts: &[Vec<u32>], s: &Sampling) -> crate::Resu
 }
 
 /// Greedy, or temperature → top-k → top-p → sample (transformers' processor order).
-fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
+pub fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     if s.temperature <= 0.0 {
         return argmax(logits);
     }
@@ -182,8 +182,8 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
-/// splitmix64 for reproducible sampling.
-struct Rng(u64);
+/// splitmix64 for reproducible sampling (seed it with the request's seed).
+pub struct Rng(pub u64);
 
 impl Rng {
     fn unit(&mut self) -> f64 {

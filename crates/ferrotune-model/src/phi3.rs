@@ -45,7 +45,7 @@ pub struct Batch {
 }
 
 /// Keys and values seen so far, per layer: `[b, kv_heads, T, head_dim]` after RoPE.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
 }
@@ -61,6 +61,78 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Sequences (rows) held.
+    pub fn rows(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(0).unwrap_or(0))
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((f(k)?, f(v)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// Only rows `rows`, in that order (sequences leaving a running batch).
+    pub fn select_rows(&self, rows: &[usize], device: &Device) -> Result<KvCache> {
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            device,
+        )?;
+        self.map(|t| t.index_select(&idx, 0))
+    }
+
+    /// `n` zero columns before every row's entries: the caller masks them as padding.
+    pub fn pad_left(&self, n: usize) -> Result<KvCache> {
+        if n == 0 {
+            return Ok(self.clone());
+        }
+        self.map(|t| {
+            let (b, h, _, d) = t.dims4()?;
+            let zeros = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
+            Tensor::cat(&[&zeros, t], 2)
+        })
+    }
+
+    /// Without the first `n` columns (padding every row has).
+    pub fn trim_left(&self, n: usize) -> Result<KvCache> {
+        let len = self.len();
+        self.map(|t| t.narrow(2, n, len - n)?.contiguous())
+    }
+
+    /// The rows of `a` then of `b`, the shorter left-padded to the longer; returns the padding
+    /// columns added to `a`'s rows and to `b`'s.
+    pub fn stack(a: &KvCache, b: &KvCache) -> Result<(KvCache, usize, usize)> {
+        if a.is_empty() {
+            return Ok((b.clone(), 0, 0));
+        }
+        let (la, lb) = (a.len(), b.len());
+        let (pa, pb) = (lb.saturating_sub(la), la.saturating_sub(lb));
+        let (a, b) = (a.pad_left(pa)?, b.pad_left(pb)?);
+        let layers = a
+            .layers
+            .iter()
+            .zip(&b.layers)
+            .map(|(x, y)| match (x, y) {
+                (Some((ka, va)), Some((kb, vb))) => Ok(Some((
+                    Tensor::cat(&[ka, kb], 0)?,
+                    Tensor::cat(&[va, vb], 0)?,
+                ))),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok((KvCache { layers }, pa, pb))
     }
 }
 

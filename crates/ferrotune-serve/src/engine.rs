@@ -1,0 +1,446 @@
+//! Continuous batching on one model: a thread owns the model and one batched KV cache. Between
+//! decode steps, queued requests are prefilled together (left-padded, as `generate` does) and
+//! their caches stacked onto the running batch; a row that finishes (stop token, length,
+//! cancel, deadline) leaves at the next token boundary and its cache rows are dropped at once.
+//! Every row samples with its own parameters and its own seeded generator, so a request's
+//! tokens do not depend on what else is in the batch.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use ferrotune_model::generate::{pick, Rng, Sampling};
+use ferrotune_model::mask::AttentionLayout;
+use ferrotune_model::phi3::KvCache;
+use ferrotune_model::{Batch, Phi3, RopeScaling};
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// How one request samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenParams {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token (or a stop string, seen by the caller).
+    Stop,
+    /// `max_new_tokens` or the model's context.
+    Length,
+    /// The caller went away or asked to stop.
+    Cancelled,
+    /// The request's deadline passed.
+    Timeout,
+}
+
+/// What a request hears back, in order: tokens, then one `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(u32),
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub params: GenParams,
+    pub events: UnboundedSender<Event>,
+    /// Set by the caller to stop early (client gone, stop string seen).
+    pub cancel: Arc<AtomicBool>,
+    pub deadline: Instant,
+}
+
+/// Counters the server exports (`/metrics`).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub queued: AtomicUsize,
+    pub active: AtomicUsize,
+    pub generated_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub decode_steps: AtomicU64,
+    /// Sum of batch sizes over decode steps (mean batch = this / decode_steps).
+    pub batch_rows: AtomicU64,
+    pub first_token_us_sum: AtomicU64,
+    pub first_token_count: AtomicU64,
+    pub finished: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub ready: AtomicBool,
+}
+
+/// The sending side of an engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<GenRequest>,
+    pub stats: Arc<EngineStats>,
+    /// The longest prompt + new tokens a request may ask for.
+    pub context: usize,
+}
+
+/// Why a request was not queued.
+#[derive(Debug)]
+pub enum Rejected {
+    QueueFull,
+    Stopped,
+}
+
+impl EngineHandle {
+    pub fn submit(&self, req: GenRequest) -> Result<(), Rejected> {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(req) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => Rejected::QueueFull,
+                    TrySendError::Disconnected(_) => Rejected::Stopped,
+                })
+            }
+        }
+    }
+}
+
+/// Start the engine thread for `model`: at most `max_batch` sequences decode together and
+/// `max_queue` wait; `stop_ids` end a sequence.
+pub fn start(model: Phi3, stop_ids: Vec<u32>, max_batch: usize, max_queue: usize) -> EngineHandle {
+    let (tx, rx) = std::sync::mpsc::sync_channel(max_queue.max(1));
+    let stats = Arc::new(EngineStats::default());
+    let context = match &model.config().rope_scaling {
+        // Past the original context transformers re-encodes with other factors; serving stops
+        // there rather than diverge from it.
+        RopeScaling::LongRope {
+            original_max_position_embeddings,
+            ..
+        } => *original_max_position_embeddings,
+        RopeScaling::Default => model.config().max_position_embeddings,
+    };
+    let worker = Worker {
+        context,
+        model,
+        stop_ids,
+        max_batch: max_batch.max(1),
+        stats: stats.clone(),
+        rows: Vec::new(),
+        cache: KvCache::default(),
+    };
+    std::thread::Builder::new()
+        .name("ferrotune-engine".into())
+        .spawn(move || worker.run(rx))
+        .expect("spawning the engine thread");
+    EngineHandle { tx, stats, context }
+}
+
+struct Row {
+    req: GenRequest,
+    sampling: Sampling,
+    rng: Rng,
+    /// 1 per cache column holding this row's token, 0 for padding.
+    mask: Vec<u8>,
+    next_pos: u32,
+    last: u32,
+    generated: usize,
+    started: Instant,
+    /// Finished: leaves the batch at the next compaction.
+    done: bool,
+}
+
+struct Worker {
+    context: usize,
+    model: Phi3,
+    stop_ids: Vec<u32>,
+    max_batch: usize,
+    stats: Arc<EngineStats>,
+    rows: Vec<Row>,
+    cache: KvCache,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<GenRequest>) {
+        self.stats.ready.store(true, Ordering::Relaxed);
+        loop {
+            let mut incoming = Vec::new();
+            if self.rows.is_empty() {
+                match rx.recv() {
+                    Ok(r) => incoming.push(r),
+                    Err(_) => return,
+                }
+            }
+            while self.rows.len() + incoming.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(r) => incoming.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.stats
+                .queued
+                .fetch_sub(incoming.len(), Ordering::Relaxed);
+            if !incoming.is_empty() {
+                if let Err(e) = self.prefill(incoming) {
+                    self.fail_all(&format!("prefill failed: {e}"));
+                    continue;
+                }
+            }
+            if self.rows.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.decode() {
+                self.fail_all(&format!("decoding failed: {e}"));
+            }
+            self.stats.active.store(self.rows.len(), Ordering::Relaxed);
+        }
+    }
+
+    fn fail_all(&mut self, message: &str) {
+        tracing::error!("{message}");
+        for row in self.rows.drain(..) {
+            let _ = row.req.events.send(Event::Failed(message.to_string()));
+        }
+        self.cache = KvCache::default();
+        self.stats.active.store(0, Ordering::Relaxed);
+    }
+
+    /// Encode the new prompts in one left-padded batch, sample their first tokens, and stack
+    /// their caches onto the running batch.
+    fn prefill(&mut self, incoming: Vec<GenRequest>) -> candle_core::Result<()> {
+        let now = Instant::now();
+        let live: Vec<GenRequest> = incoming
+            .into_iter()
+            .filter(|r| {
+                if r.cancel.load(Ordering::Relaxed) {
+                    finish(r, FinishReason::Cancelled, 0);
+                    false
+                } else if now >= r.deadline {
+                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    finish(r, FinishReason::Timeout, 0);
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let device = self.model.device().clone();
+        let b = live.len();
+        let width = live
+            .iter()
+            .map(|r| r.prompt.len())
+            .max()
+            .expect("non-empty");
+        let pad = self.model.config().pad_token_id.unwrap_or(0);
+        let mut ids = Vec::with_capacity(b * width);
+        let mut masks = Vec::with_capacity(b);
+        let mut positions = Vec::with_capacity(b);
+        for r in &live {
+            let n_pad = width - r.prompt.len();
+            ids.extend(std::iter::repeat_n(pad, n_pad).chain(r.prompt.iter().copied()));
+            masks.push([vec![0u8; n_pad], vec![1u8; r.prompt.len()]].concat());
+            positions.push(
+                (0..width)
+                    .map(|i| i.saturating_sub(n_pad) as u32)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let layout = AttentionLayout {
+            padding: Some(&masks),
+            documents: None,
+            sliding_window: self.model.config().sliding_window,
+        };
+        let batch = Batch {
+            input_ids: Tensor::from_vec(ids, (b, width), &device)?,
+            positions,
+            attention_bias: layout.bias_for_queries(b, 0, width, width, &device)?,
+        };
+        let mut fresh = KvCache::default();
+        let logits = self
+            .model
+            .step(&batch, &mut fresh)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let (stacked, pad_old, pad_new) = KvCache::stack(&self.cache, &fresh)?;
+        self.cache = stacked;
+        for row in &mut self.rows {
+            row.mask.splice(0..0, std::iter::repeat_n(0, pad_old));
+        }
+        let mut new_rows = Vec::with_capacity(b);
+        for ((req, mut mask), l) in live.into_iter().zip(masks).zip(logits) {
+            mask.splice(0..0, std::iter::repeat_n(0, pad_new));
+            let sampling = Sampling {
+                max_new_tokens: req.params.max_new_tokens,
+                temperature: req.params.temperature,
+                top_p: req.params.top_p,
+                top_k: req.params.top_k,
+                seed: req.params.seed,
+                stop_ids: Vec::new(),
+            };
+            let mut rng = Rng(req.params.seed);
+            let tok = pick(&l, &sampling, &mut rng);
+            self.stats
+                .prompt_tokens
+                .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+            let next_pos = req.prompt.len() as u32;
+            new_rows.push(Row {
+                req,
+                sampling,
+                rng,
+                mask,
+                next_pos,
+                last: tok,
+                generated: 0,
+                started: now,
+                done: false,
+            });
+        }
+        let first = self.rows.len();
+        self.rows.extend(new_rows);
+        let fresh_rows: Vec<usize> = (first..self.rows.len()).collect();
+        if self.emit(&fresh_rows) {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// One token for every row.
+    fn decode(&mut self) -> candle_core::Result<()> {
+        let device = self.model.device().clone();
+        let b = self.rows.len();
+        let past = self.cache.len();
+        for row in &mut self.rows {
+            row.mask.push(1);
+        }
+        let masks: Vec<Vec<u8>> = self.rows.iter().map(|r| r.mask.clone()).collect();
+        let layout = AttentionLayout {
+            padding: Some(&masks),
+            documents: None,
+            sliding_window: self.model.config().sliding_window,
+        };
+        let batch = Batch {
+            input_ids: Tensor::from_vec(
+                self.rows.iter().map(|r| r.last).collect::<Vec<_>>(),
+                (b, 1),
+                &device,
+            )?,
+            positions: self.rows.iter().map(|r| vec![r.next_pos]).collect(),
+            attention_bias: layout.bias_for_queries(b, past, 1, past + 1, &device)?,
+        };
+        let logits = self
+            .model
+            .step(&batch, &mut self.cache)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.batch_rows.fetch_add(b as u64, Ordering::Relaxed);
+        for (row, l) in self.rows.iter_mut().zip(&logits) {
+            row.next_pos += 1;
+            row.last = pick(l, &row.sampling, &mut row.rng);
+        }
+        let all: Vec<usize> = (0..b).collect();
+        if self.emit(&all) {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Hand each listed row its newest token, or finish it; returns whether any row finished.
+    fn emit(&mut self, rows: &[usize]) -> bool {
+        let mut any = false;
+        let now = Instant::now();
+        let context = self.context;
+        for &i in rows {
+            let row = &mut self.rows[i];
+            let reason = if row.req.cancel.load(Ordering::Relaxed) {
+                Some(FinishReason::Cancelled)
+            } else if now >= row.req.deadline {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                Some(FinishReason::Timeout)
+            } else if self.stop_ids.contains(&row.last) {
+                Some(FinishReason::Stop)
+            } else {
+                if row.generated == 0 {
+                    let us = now.duration_since(row.started).as_micros() as u64;
+                    self.stats
+                        .first_token_us_sum
+                        .fetch_add(us, Ordering::Relaxed);
+                    self.stats.first_token_count.fetch_add(1, Ordering::Relaxed);
+                }
+                row.generated += 1;
+                self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                if row.req.events.send(Event::Token(row.last)).is_err() {
+                    Some(FinishReason::Cancelled)
+                } else if row.generated >= row.req.params.max_new_tokens
+                    || row.next_pos as usize + 1 >= context
+                {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                }
+            };
+            if let Some(reason) = reason {
+                finish(&row.req, reason, row.generated);
+                self.stats.finished.fetch_add(1, Ordering::Relaxed);
+                row.done = true;
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Drop finished rows from the batch and the cache, and padding every row now has.
+    fn compact(&mut self) -> candle_core::Result<()> {
+        let keep: Vec<usize> = (0..self.rows.len())
+            .filter(|&i| !self.rows[i].done)
+            .collect();
+        if keep.len() == self.rows.len() {
+            return Ok(());
+        }
+        let device = self.model.device().clone();
+        if keep.is_empty() {
+            self.rows.clear();
+            self.cache = KvCache::default();
+            return Ok(());
+        }
+        self.cache = self.cache.select_rows(&keep, &device)?;
+        let mut kept = Vec::with_capacity(keep.len());
+        for (i, row) in std::mem::take(&mut self.rows).into_iter().enumerate() {
+            if keep.contains(&i) {
+                kept.push(row);
+            }
+        }
+        self.rows = kept;
+        let common = self
+            .rows
+            .iter()
+            .map(|r| r.mask.iter().take_while(|&&m| m == 0).count())
+            .min()
+            .unwrap_or(0);
+        if common > 0 {
+            self.cache = self.cache.trim_left(common)?;
+            for r in &mut self.rows {
+                r.mask.drain(..common);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn finish(req: &GenRequest, reason: FinishReason, completion_tokens: usize) {
+    let _ = req.events.send(Event::Finished {
+        reason,
+        prompt_tokens: req.prompt.len(),
+        completion_tokens,
+    });
+}
