@@ -295,6 +295,15 @@ fn run_with_no_arguments_fine_tunes_the_bundled_model_then_resumes_as_done() {
     assert_eq!(again["train"]["steps"], v["train"]["steps"]);
     // Exported, verified and registered once, with its lineage.
     assert_eq!(v["registered"]["name"], "tiny_phi3_base-ultrachat-200k");
+    // Served and scored over HTTP: the held-out conversation's answer came back.
+    assert!(
+        v["served"]["answer"]
+            .as_str()
+            .is_some_and(|a| !a.is_empty()),
+        "{}",
+        v["served"]
+    );
+    assert!(work.join("sample_score.json").is_file());
     assert_eq!(again["registered"]["version"], v["registered"]["version"]);
     let shown = json_ok(ferrotune().env("FERROTUNE_HOME", &home).args([
         "--json",

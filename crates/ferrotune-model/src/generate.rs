@@ -130,7 +130,10 @@ pub fn generate(model: &Phi3, prompts: &[Vec<u32>], s: &Sampling) -> crate::Resu
     Ok(out)
 }
 
-/// Greedy, or temperature → top-k → top-p → sample (transformers' processor order).
+/// Greedy, or temperature → top-k → top-p → sample (transformers' processor order). Only
+/// top-p needs the candidates sorted; top-k selects in linear time and plain temperature
+/// sampling sorts nothing (a full sort of a 32k vocabulary per token dominated batched
+/// decoding of small models).
 pub fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     if s.temperature <= 0.0 {
         return argmax(logits);
@@ -140,11 +143,15 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
         .enumerate()
         .map(|(i, &l)| (i as u32, f64::from(l) / s.temperature))
         .collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-    if s.top_k > 0 {
+    let by_logit = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if s.top_k > 0 && s.top_k < cand.len() {
+        cand.select_nth_unstable_by(s.top_k - 1, by_logit);
         cand.truncate(s.top_k);
     }
-    let max = cand[0].1;
+    if s.top_p < 1.0 {
+        cand.sort_by(by_logit);
+    }
+    let max = cand.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
     let mut probs: Vec<f64> = cand.iter().map(|c| (c.1 - max).exp()).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);

@@ -1,7 +1,8 @@
 //! `ferrotune run`: the whole pipeline. Without --config it runs on the bundled tiny base model
 //! (Phi-3 vocabulary, pre-trained on plain text, never shown the chat format) and the bundled
 //! ultrachat sample: prepare → train LoRA → evaluate → ask it questions before and after →
-//! export an MLflow model folder, verify it, register it. Serve and invoke join as they land.
+//! export an MLflow model folder, verify it, register it → serve it on a loopback port and
+//! score a held-out conversation over HTTP.
 
 use std::path::Path;
 
@@ -133,6 +134,9 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
     // 3. Export (an MLflow model folder), verify it against the checkpoint, register it.
     let published = publish(work, &cfg.output_dir)?;
 
+    // 4. Serve it on a free loopback port and score a held-out conversation over HTTP.
+    let scored = serve_and_score(work, &published.export, &sample.join("test_sft.jsonl"))?;
+
     if json {
         let qa: Vec<_> = QUESTIONS
             .iter()
@@ -143,7 +147,7 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
             "{}",
             json!({"workdir": work, "base_eval": base_eval, "train": summary, "answers": qa,
                    "export": published.export, "verified": published.verified,
-                   "registered": published.registered})
+                   "registered": published.registered, "served": scored})
         );
         return Ok(());
     }
@@ -182,12 +186,126 @@ pub fn run(args: &RunArgs, json: bool) -> Result<(), Failure> {
         ferrotune_registry::default_home().display()
     );
     println!(
+        "served       on {} as deployment demo; POST /score with {} ({:.2} s):",
+        scored["endpoint"].as_str().unwrap_or("?"),
+        scored["request_file"].as_str().unwrap_or("?"),
+        scored["seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  Q: {}\n     reference:  {}\n     answer:     {}",
+        scored["question"].as_str().unwrap_or(""),
+        scored["reference"].as_str().unwrap_or(""),
+        scored["answer"].as_str().unwrap_or("")
+    );
+    println!(
         "\nnext: `ferrotune generate --model {} --messages FILE` to ask it more, \
          `ferrotune models show {}` for its lineage",
         published.export.display(),
         published.registered.name
     );
     Ok(())
+}
+
+/// Serve `export` on 127.0.0.1 (a free port), score the first held-out conversation with the
+/// source's request shape (up to its last user turn, greedy), stop the server.
+fn serve_and_score(
+    work: &Path,
+    export: &Path,
+    test_jsonl: &Path,
+) -> Result<serde_json::Value, Failure> {
+    let first = std::fs::read_to_string(test_jsonl)
+        .map_err(|e| Failure::runtime(format!("{}: {e}", test_jsonl.display())))?
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .ok_or_else(|| Failure::runtime(format!("{}: no conversation", test_jsonl.display())))?;
+    let mut messages = first["messages"].as_array().cloned().unwrap_or_default();
+    let reference = match messages.last() {
+        Some(m) if m["role"] == "assistant" => messages
+            .pop()
+            .and_then(|m| m["content"].as_str().map(str::to_owned)),
+        _ => None,
+    };
+    let question = messages
+        .last()
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let request = json!({"input_data": {"input_string": [messages],
+                                        "parameters": {"do_sample": false, "max_new_tokens": 48}},
+                         "params": {}});
+    let request_file = work.join("sample_score.json");
+    std::fs::write(&request_file, request.to_string())
+        .map_err(|e| Failure::runtime(format!("{}: {e}", request_file.display())))?;
+    let deployment = crate::commands::serve::deployment_from(
+        "demo",
+        export,
+        export.display().to_string(),
+        &Some("cpu".into()),
+        &Some("f32".into()),
+        8,
+        16,
+    )?;
+    let endpoint = std::sync::Arc::new(
+        ferrotune_serve::Endpoint::new(vec![deployment], Vec::new()).map_err(Failure::runtime)?,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("starting the server runtime: {e}")))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(|e| Failure::runtime(format!("binding a loopback port: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Failure::runtime(e.to_string()))?;
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let opts = ferrotune_serve::ServerOptions {
+            keys: ferrotune_serve::Keys::default(),
+            request_timeout: std::time::Duration::from_secs(90),
+            max_body_bytes: 1 << 20,
+            grace: std::time::Duration::from_secs(5),
+        };
+        let server = tokio::spawn(ferrotune_serve::serve(
+            listener,
+            endpoint.clone(),
+            opts,
+            ready,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        ferrotune_serve::warm_up(&endpoint)
+            .await
+            .map_err(Failure::runtime)?;
+        Ok::<_, Failure>((addr, server))
+    })?;
+    let url = format!("http://{addr}/score");
+    let started = std::time::Instant::now();
+    let answer = reqwest::blocking::Client::new()
+        .post(&url)
+        .json(&request)
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.json::<serde_json::Value>())
+        .map_err(|e| Failure::runtime(format!("{url}: {e}")))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    runtime
+        .block_on(server)
+        .map_err(|e| Failure::runtime(format!("server task: {e}")))?
+        .map_err(|e| Failure::runtime(format!("server: {e}")))?;
+    Ok(json!({
+        "endpoint": format!("http://{addr}"),
+        "request_file": request_file,
+        "question": question,
+        "reference": reference,
+        "answer": answer["output"],
+        "seconds": seconds,
+    }))
 }
 
 /// The exported, verified and registered result of a run.

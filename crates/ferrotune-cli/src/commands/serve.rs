@@ -194,6 +194,28 @@ fn resolve_spec(args: &ServeArgs, spec: &str) -> Result<(PathBuf, String), Failu
 
 fn load_deployment(args: &ServeArgs, name: &str, spec: &str) -> Result<Deployment, Failure> {
     let (dir, label) = resolve_spec(args, spec)?;
+    deployment_from(
+        name,
+        &dir,
+        label,
+        &args.device,
+        &args.dtype,
+        args.max_concurrency,
+        args.max_queue,
+    )
+}
+
+/// A deployment of the model in `dir` (MLflow export, HF folder or PEFT adapter).
+pub fn deployment_from(
+    name: &str,
+    dir: &Path,
+    label: String,
+    device: &Option<String>,
+    dtype: &Option<String>,
+    max_batch: usize,
+    max_queue: usize,
+) -> Result<Deployment, Failure> {
+    let dir = dir.to_path_buf();
     let adapter = dir.join("adapter_config.json").is_file();
     let model = if adapter {
         let cfg: serde_json::Value = serde_json::from_str(
@@ -216,8 +238,8 @@ fn load_deployment(args: &ServeArgs, name: &str, spec: &str) -> Result<Deploymen
     let loaded = model_args::load(&ModelArgs {
         model,
         adapter: adapter.then(|| dir.clone()),
-        device: args.device.clone(),
-        dtype: args.dtype.clone(),
+        device: device.clone(),
+        dtype: dtype.clone(),
     })?;
     let tokenizer = Tokenizer::load(&loaded.tokenizer_dir)?;
     let template = ChatTemplate::from_tokenizer_dir(
@@ -230,12 +252,7 @@ fn load_deployment(args: &ServeArgs, name: &str, spec: &str) -> Result<Deploymen
         loaded.model.dtype(),
         loaded.model.device()
     );
-    let engine = engine::start(
-        loaded.model,
-        loaded.stop_ids,
-        args.max_concurrency,
-        args.max_queue,
-    );
+    let engine = engine::start(loaded.model, loaded.stop_ids, max_batch, max_queue);
     Ok(Deployment {
         name: name.to_string(),
         model: label,
