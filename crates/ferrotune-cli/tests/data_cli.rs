@@ -451,7 +451,12 @@ fn unbuilt_commands_say_so_with_exit_2() {
         .args(["serve"])
         .assert()
         .code(2)
-        .stderr(contains("not yet available"));
+        .stderr(contains("nothing to serve"));
+    ferrotune()
+        .args(["serve", "--path", ".", "--host", "0.0.0.0"])
+        .assert()
+        .code(2)
+        .stderr(contains("refusing to serve without a key"));
     ferrotune().args(["data", "prepare"]).assert().code(2);
 }
 
