@@ -6,7 +6,8 @@ green 0%), then:
   - the official `openai` client: chat.completions.create without and with stream=True (the
     streamed deltas must add up to the non-streamed answer, greedy), models.list, a 401 without
     the key;
-  - `ferrotune invoke` with the source document's sample_score.json shape, pinned to green;
+  - `ferrotune invoke --sample`: the source document's sample_score.json from a random held-out
+    row, sent pinned to green;
   - PUT /admin/traffic moves all traffic to green;
   - SIGTERM: the server exits 0.
 
@@ -69,15 +70,18 @@ def main():
         except openai.AuthenticationError:
             pass
 
+        # The source's sample_score.json, built from a random held-out row as the source builds it.
         sample = os.path.join(work, "sample_score.json")
-        with open(sample, "w") as f:
-            json.dump({"input_data": {"input_string": [messages],
-                                      "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True,
-                                                     "max_new_tokens": 20}}, "params": {}}, f)
-        out = subprocess.run([a.ferrotune, "invoke", "--endpoint", base, "--key", KEY, "--deployment", "green",
+        out = subprocess.run([a.ferrotune, "invoke", "--sample", "--data",
+                              os.path.join(ROOT, "fixtures/ultrachat_sample/jsonl"), "--split", "test_sft",
+                              "--seed", "4", "--endpoint", base, "--key", KEY, "--deployment", "green",
                               "--file", sample], check=True, capture_output=True, text=True)
         assert "served by deployment green" in out.stderr, out.stderr
         assert "output" in json.loads(out.stdout), out.stdout
+        request = json.load(open(sample))
+        assert request["input_data"]["parameters"] == {"temperature": 0.6, "top_p": 0.9, "do_sample": True,
+                                                       "max_new_tokens": 200}, request
+        assert request["params"] == {}, request
 
         req = urllib.request.Request(f"{base}/admin/traffic", method="PUT",
                                      data=json.dumps({"blue": 0, "green": 100}).encode(),

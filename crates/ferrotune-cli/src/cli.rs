@@ -254,17 +254,29 @@ pub struct ServeArgs {
 #[derive(Args, Debug)]
 pub struct InvokeArgs {
     /// The endpoint: http(s)://host:port (then /score) or a full scoring URI.
-    #[arg(long, env = "FERROTUNE_ENDPOINT")]
-    pub endpoint: String,
+    #[arg(long, env = "FERROTUNE_ENDPOINT", required_unless_present = "sample")]
+    pub endpoint: Option<String>,
     /// Key sent as Authorization: Bearer KEY.
     #[arg(long, env = "FERROTUNE_API_KEY", hide_env_values = true)]
     pub key: Option<String>,
     /// Pin a deployment (azureml-model-deployment header).
     #[arg(long)]
     pub deployment: Option<String>,
-    /// The request body, e.g. the source's sample_score.json.
+    /// The request body, e.g. the source's sample_score.json (with --sample: where to write it).
+    #[arg(long, required_unless_present = "sample")]
+    pub file: Option<PathBuf>,
+    /// Build sample_score.json as the source does: one random row of --data's --split, with
+    /// temperature 0.6, top_p 0.9, do_sample, max_new_tokens 200 (sent when --endpoint is given).
+    #[arg(long, requires = "data")]
+    pub sample: bool,
+    /// ultrachat data: a Hugging Face or jsonl folder, or one .parquet/.jsonl file.
     #[arg(long)]
-    pub file: PathBuf,
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "test_gen")]
+    pub split: String,
+    /// Which random row (default: a fresh draw).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Seconds to wait for the answer.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,

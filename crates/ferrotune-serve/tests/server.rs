@@ -20,13 +20,24 @@ fn chat_model() -> PathBuf {
 const KEY: &str = "0123456789abcdef-primary";
 const SECOND: &str = "0123456789abcdef-secondary";
 
-fn deployment(name: &str, max_batch: usize, max_queue: usize) -> Deployment {
+/// The tiny chat model, its tokenizer and chat template.
+fn chat_parts() -> (
+    ferrotune_model::loaded::LoadedModel,
+    Tokenizer,
+    ChatTemplate,
+) {
     let dir = chat_model();
     let loaded = load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let tokenizer = Tokenizer::load(&dir).unwrap();
     let template =
         ChatTemplate::from_tokenizer_dir(&dir, SpecialTokens::from_tokenizer_dir(&dir).unwrap())
             .unwrap();
+    (loaded, tokenizer, template)
+}
+
+fn deployment(name: &str, max_batch: usize, max_queue: usize) -> Deployment {
+    let dir = chat_model();
+    let (loaded, tokenizer, template) = chat_parts();
     Deployment {
         name: name.into(),
         model: dir.display().to_string(),
@@ -103,12 +114,7 @@ const QUESTIONS: [&str; 6] = [
 
 /// Greedy answers from the model crate's `generate`, one prompt at a time.
 fn reference_answers(max_new: usize) -> Vec<String> {
-    let dir = chat_model();
-    let loaded = load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let tokenizer = Tokenizer::load(&dir).unwrap();
-    let template =
-        ChatTemplate::from_tokenizer_dir(&dir, SpecialTokens::from_tokenizer_dir(&dir).unwrap())
-            .unwrap();
+    let (loaded, tokenizer, template) = chat_parts();
     QUESTIONS
         .iter()
         .map(|q| {

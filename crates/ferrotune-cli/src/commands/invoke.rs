@@ -7,11 +7,28 @@ use crate::cli::InvokeArgs;
 use crate::failure::Failure;
 
 pub fn run(args: &InvokeArgs, json_out: bool) -> Result<(), Failure> {
-    let body = std::fs::read(&args.file)
-        .map_err(|e| Failure::usage(format!("--file {}: {e}", args.file.display())))?;
+    let file = args
+        .file
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("sample_score.json"));
+    if args.sample {
+        let data = args.data.as_deref().expect("clap requires --data");
+        let row = write_sample(data, &args.split, args.seed, &file)?;
+        eprintln!(
+            "wrote {} from row {row} of {} ({})",
+            file.display(),
+            data.display(),
+            args.split
+        );
+    }
+    let Some(endpoint) = &args.endpoint else {
+        return Ok(());
+    };
+    let body = std::fs::read(&file)
+        .map_err(|e| Failure::usage(format!("--file {}: {e}", file.display())))?;
     serde_json::from_slice::<serde_json::Value>(&body)
-        .map_err(|e| Failure::usage(format!("--file {}: not JSON: {e}", args.file.display())))?;
-    let url = scoring_url(&args.endpoint)?;
+        .map_err(|e| Failure::usage(format!("--file {}: not JSON: {e}", file.display())))?;
+    let url = scoring_url(endpoint)?;
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(args.timeout))
         .build()
@@ -53,6 +70,49 @@ pub fn run(args: &InvokeArgs, json_out: bool) -> Result<(), Failure> {
         Err(_) => println!("{text}"),
     }
     Ok(())
+}
+
+/// The source's `sample_score.json` from one random row (`test_df.sample(n=1)`): the row's
+/// messages as they are, and its fixed parameters. Returns the row index.
+fn write_sample(
+    data: &std::path::Path,
+    split: &str,
+    seed: Option<u64>,
+    out: &std::path::Path,
+) -> Result<u64, Failure> {
+    let source = ferrotune_data::source::SplitSource::discover(data, Some(split))?;
+    let rows = source.count_rows()?;
+    if rows == 0 {
+        return Err(Failure::usage(format!(
+            "--data {}: split {split} has no rows",
+            data.display()
+        )));
+    }
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let index = (z ^ (z >> 31)) % rows;
+    let row = source
+        .rows(index + 1)
+        .last()
+        .ok_or_else(|| Failure::runtime("the split ended early"))??
+        .map_err(|bad| Failure::usage(format!("row {index} cannot be used: {}", bad.detail)))?;
+    let request = serde_json::json!({
+        "input_data": {
+            "input_string": [row.messages],
+            "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": true, "max_new_tokens": 200},
+        },
+        "params": {},
+    });
+    std::fs::write(out, request.to_string())
+        .map_err(|e| Failure::runtime(format!("{}: {e}", out.display())))?;
+    Ok(index)
 }
 
 /// `http://host:port` → `http://host:port/score`; a URL with a path is used as is.
