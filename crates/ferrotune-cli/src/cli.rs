@@ -389,6 +389,26 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// Decoding throughput (a later issue).
     Decode(Unbuilt),
+    /// Chat load on `ferrotune serve` (1, 8, 32 streams) against transformers served the simple way.
+    Serve(BenchServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchServeArgs {
+    /// The model to serve (an export or model folder).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Concurrent streams per round.
+    #[arg(long, default_value = "1,8,32")]
+    pub streams: String,
+    /// Requests per round.
+    #[arg(long, default_value_t = 64)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// A Python with torch + transformers: also load scripts/serve_reference.py the same way.
+    #[arg(long)]
+    pub python: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -36,6 +36,7 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Data(DataCommand::Stats(args)) => commands::data::stats(args, json),
         Command::Bench(BenchCommand::Data(args)) => commands::bench_data::run(args, json),
         Command::Bench(BenchCommand::Train(args)) => commands::bench_train::run(args, json),
+        Command::Bench(BenchCommand::Serve(args)) => commands::bench_serve::run(args, json),
         Command::Bench(BenchCommand::Decode(_)) => Err(Failure::not_yet("bench decode", "[serve]")),
         Command::Train(args) => commands::train::run(args, json),
         Command::Eval(args) => commands::eval::run(args, json),

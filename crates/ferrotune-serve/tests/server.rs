@@ -341,11 +341,9 @@ fn mistakes_limits_and_timeouts_get_their_status_codes() {
     assert_eq!(resp.status().as_u16(), 413, "body size limit");
 
     // One slot, one queue place: a flood gets 429 with Retry-After, the rest succeed.
-    let long = chat(
-        "Write a long story.",
-        json!({"max_tokens": 60, "temperature": 1.0, "seed": 1}),
-    );
-    let handles: Vec<_> = (0..8)
+    // (Greedy on this random model repeats a word without ever stopping: 200 decode steps.)
+    let long = chat(QUESTIONS[1], json!({"max_tokens": 200}));
+    let handles: Vec<_> = (0..16)
         .map(|_| {
             let (url, long) = (url.clone(), long.clone());
             std::thread::spawn(move || post(&url, &long, Some(KEY)))
@@ -363,16 +361,21 @@ fn mistakes_limits_and_timeouts_get_their_status_codes() {
         .iter()
         .all(|r| r.0 == 429 || r.0 == 200 || r.0 == 408));
 
-    // A request that cannot finish within the timeout gets 408, and the server stays healthy.
+    // A request that cannot finish within the timeout gets 408 (a server whose timeout is zero:
+    // every request is past its deadline when admitted), and the server stays healthy.
+    let hurried = start(
+        vec![deployment("demo", 1, 1)],
+        vec![],
+        Keys::default(),
+        Duration::ZERO,
+    );
     let (status, v, _) = post(
-        &url,
-        &chat(
-            "Count to a thousand.",
-            json!({"max_tokens": 4000, "temperature": 1.0, "seed": 3}),
-        ),
-        Some(KEY),
+        &format!("{hurried}/v1/chat/completions"),
+        &chat("Count to a thousand.", json!({"max_tokens": 40})),
+        None,
     );
     assert_eq!(status, 408, "{v}");
+    assert_eq!(v["error"]["type"], "timeout");
     let (status, _, _) = post(&url, &chat("hi", json!({"max_tokens": 4})), Some(KEY));
     assert_eq!(status, 200);
 }

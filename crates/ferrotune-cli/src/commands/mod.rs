@@ -1,4 +1,5 @@
 pub mod bench_data;
+pub mod bench_serve;
 pub mod bench_train;
 pub mod bench_trainer;
 pub mod data;
