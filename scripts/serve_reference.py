@@ -63,6 +63,10 @@ def main():
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
+            # One connection per request: a kept-alive idle connection would block this
+            # single-threaded server while other clients wait in the backlog.
+            self.send_header("Connection", "close")
+            self.close_connection = True
             self.end_headers()
 
             def send(data):
@@ -92,7 +96,11 @@ def main():
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
 
-    server = HTTPServer(("127.0.0.1", a.port), Handler)
+    class Server(HTTPServer):
+        # Waiting clients queue in the listen backlog (the default of 5 refuses the rest).
+        request_queue_size = 1024
+
+    server = Server(("127.0.0.1", a.port), Handler)
     tmp = a.port_file + ".tmp"
     with open(tmp, "w") as f:
         f.write(str(server.server_address[1]))
