@@ -29,6 +29,14 @@ impl RowBar {
         RowBar { bar }
     }
 
+    /// `done` of `total` units (the first call sets the length): for callbacks that count.
+    pub fn tick(&self, done: usize, total: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

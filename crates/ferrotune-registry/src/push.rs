@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::artifacts::files;
 use crate::error::{RegistryError, Result};
-use crate::registry::ModelVersion;
+use crate::registry::{now_ms, ModelVersion};
 
 /// Per-request limit: a 500 MB shard over a slow link takes minutes.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -145,11 +145,4 @@ fn slash(p: &Path) -> String {
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join("/")
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

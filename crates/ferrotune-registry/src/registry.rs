@@ -109,7 +109,7 @@ pub fn default_home() -> PathBuf {
     home.join(".ferrotune")
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -58,13 +58,7 @@ pub fn options(args: &ExportArgs) -> Result<ExportOptions, Failure> {
 /// Export with a tensor progress bar on a terminal.
 pub fn run_export(opts: &ExportOptions, bar: bool) -> Result<ExportReport, Failure> {
     let bar = RowBar::counting(bar, "tensors");
-    let report = export(opts, &mut |done, total| {
-        use ferrotune_data::Progress;
-        if done == 1 {
-            bar.start(total as u64);
-        }
-        bar.advance(done as u64);
-    });
+    let report = export(opts, &mut |done, total| bar.tick(done, total));
     bar.finish();
     Ok(report?)
 }

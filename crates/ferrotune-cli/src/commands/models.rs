@@ -128,11 +128,7 @@ pub fn run(args: &ModelsArgs, json_out: bool) -> Result<(), Failure> {
             let token = std::env::var("MLFLOW_TRACKING_TOKEN").ok();
             let bar = RowBar::counting(!json_out, "files");
             let report = push_to_mlflow(&v, to, token, name.as_deref(), &mut |done, total| {
-                use ferrotune_data::Progress;
-                if done == 1 {
-                    bar.start(total as u64);
-                }
-                bar.advance(done as u64);
+                bar.tick(done, total)
             });
             bar.finish();
             let report = report?;
