@@ -8,8 +8,8 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -206,6 +206,8 @@ fn glob(pattern: &str, text: &str) -> bool {
 pub struct UploadOptions {
     pub block_size: u64,
     pub parallelism: usize,
+    /// Set (by Ctrl-C, say) to stop after the blocks in flight; a rerun picks up from there.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for UploadOptions {
@@ -213,6 +215,7 @@ impl Default for UploadOptions {
         UploadOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             parallelism: 8,
+            cancel: None,
         }
     }
 }
@@ -297,6 +300,12 @@ pub fn upload(
         for _ in 0..opts.parallelism.max(1).min(work.len().max(1)) {
             scope.spawn(|| loop {
                 if first_error.lock().expect("error slot").is_some() {
+                    return;
+                }
+                if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::SeqCst)) {
+                    first_error.lock().expect("error slot").get_or_insert(AzureError::Operation(
+                        "upload interrupted; run the same command again to finish it (finished blocks are kept)".into(),
+                    ));
                     return;
                 }
                 let Some(item) = work.get(next.fetch_add(1, Ordering::SeqCst)) else {
