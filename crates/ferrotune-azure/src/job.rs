@@ -80,8 +80,11 @@ pub fn upload_code(
 
 #[derive(Debug, Clone)]
 pub enum JobInput {
-    /// An `azureml://` or `https://` folder, an MLflow model, or a literal value.
+    /// An `azureml://` or `https://` folder.
     Folder(String),
+    /// One file.
+    File(String),
+    /// An MLflow model (the source's registry model, say).
     MlflowModel(String),
     Literal(String),
 }
@@ -102,20 +105,27 @@ pub struct CommandJob {
     pub model_outputs: Vec<String>,
     pub timeout: Duration,
     pub environment_variables: Vec<(String, String)>,
+    pub tags: Vec<(String, String)>,
+}
+
+fn string_map(pairs: &[(String, String)]) -> Map<String, Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect()
 }
 
 pub fn submit(arm: &Arm, job: &CommandJob) -> Result<Value> {
+    let mount =
+        |kind: &str, uri: &str| json!({"jobInputType": kind, "uri": uri, "mode": "ReadOnlyMount"});
     let inputs: Map<String, Value> = job
         .inputs
         .iter()
         .map(|(k, v)| {
             let body = match v {
-                JobInput::Folder(uri) => {
-                    json!({"jobInputType": "uri_folder", "uri": uri, "mode": "ReadOnlyMount"})
-                }
-                JobInput::MlflowModel(uri) => {
-                    json!({"jobInputType": "mlflow_model", "uri": uri, "mode": "ReadOnlyMount"})
-                }
+                JobInput::Folder(uri) => mount("uri_folder", uri),
+                JobInput::File(uri) => mount("uri_file", uri),
+                JobInput::MlflowModel(uri) => mount("mlflow_model", uri),
                 JobInput::Literal(value) => json!({"jobInputType": "literal", "value": value}),
             };
             (k.clone(), body)
@@ -136,16 +146,12 @@ pub fn submit(arm: &Arm, job: &CommandJob) -> Result<Value> {
     } else {
         arm.ws_id(&format!("computes/{}", job.compute))
     };
-    let env_vars: Map<String, Value> = job
-        .environment_variables
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
     let body = json!({
         "properties": {
             "jobType": "Command",
             "displayName": job.display_name,
             "experimentName": job.experiment,
+            "tags": string_map(&job.tags),
             "computeId": compute_id,
             "codeId": job.code_id,
             "environmentId": job.environment,
@@ -154,7 +160,7 @@ pub fn submit(arm: &Arm, job: &CommandJob) -> Result<Value> {
             "resources": {"instanceCount": job.nodes},
             "inputs": inputs,
             "outputs": outputs,
-            "environmentVariables": env_vars,
+            "environmentVariables": string_map(&job.environment_variables),
             "limits": {"jobLimitsType": "Command", "timeout": iso8601(job.timeout)}
         }
     });
@@ -165,6 +171,7 @@ pub fn submit(arm: &Arm, job: &CommandJob) -> Result<Value> {
 pub struct JobStatus {
     pub status: String,
     pub studio_url: Option<String>,
+    pub tags: Map<String, Value>,
 }
 
 pub fn status(arm: &Arm, name: &str) -> Result<JobStatus> {
@@ -179,15 +186,126 @@ pub fn status(arm: &Arm, name: &str) -> Result<JobStatus> {
             .pointer("/properties/services/Studio/endpoint")
             .and_then(Value::as_str)
             .map(str::to_string),
+        tags: v
+            .pointer("/properties/tags")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
     })
 }
 
-/// Polls until the job ends; answers its final status.
-pub fn follow(arm: &Arm, name: &str, poll: Duration, say: &mut dyn FnMut(&str)) -> Result<String> {
+pub fn cancel(arm: &Arm, name: &str) -> Result<()> {
+    arm.post(&arm.ws_url(&format!("jobs/{name}/cancel")), None)
+        .map(|_| ())
+}
+
+/// The job's user logs (`user_logs/std_log*.txt`) as run history lists them: the workspace's
+/// discovery URL names the history service, whose run details carry a SAS URL per log file.
+pub struct LogTail {
+    details_url: Option<String>,
+    offsets: std::collections::BTreeMap<String, u64>,
+}
+
+impl LogTail {
+    pub fn new(arm: &Arm, name: &str) -> Result<LogTail> {
+        let ws = arm.get(&arm.ws_url(""))?;
+        let discovery = ws
+            .pointer("/properties/discoveryUrl")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let details_url = match discovery {
+            Some(url) if !arm.is_dry_run() => {
+                let services = arm
+                    .send(crate::http::Call::new(reqwest::Method::GET, url))?
+                    .json()?;
+                services.get("history").and_then(Value::as_str).map(|h| {
+                    format!(
+                        "{}/history/v1.0{}/runs/{name}/details",
+                        h.trim_end_matches('/'),
+                        arm.workspace.arm_path()
+                    )
+                })
+            }
+            _ => None,
+        };
+        Ok(LogTail {
+            details_url,
+            offsets: Default::default(),
+        })
+    }
+
+    /// New lines of every user log since the last call, prefixed by the file's name when the
+    /// job has several (one per rank).
+    pub fn poll(&mut self, arm: &Arm) -> Result<Vec<String>> {
+        let Some(url) = &self.details_url else {
+            return Ok(Vec::new());
+        };
+        let details = arm
+            .send(crate::http::Call::new(reqwest::Method::GET, url.clone()))?
+            .json()?;
+        let Some(files) = details.get("logFiles").and_then(Value::as_object) else {
+            return Ok(Vec::new());
+        };
+        let mut logs: Vec<(&String, &str)> = files
+            .iter()
+            .filter(|(k, _)| k.starts_with("user_logs/std_log"))
+            .filter_map(|(k, v)| Some((k, v.as_str()?)))
+            .collect();
+        logs.sort();
+        let several = logs.len() > 1;
+        let mut lines = Vec::new();
+        for (file, sas) in logs {
+            let offset = self.offsets.get(file.as_str()).copied().unwrap_or(0);
+            let call = crate::http::Call::new(reqwest::Method::GET, sas)
+                .header("Range", format!("bytes={offset}-"));
+            let reply = arm.transport().send(&call)?;
+            if reply.status == 416 || !reply.ok() {
+                continue;
+            }
+            // Only whole lines: a partial last line waits for the next poll.
+            let text = String::from_utf8_lossy(&reply.body);
+            let Some(end) = text.rfind('\n') else {
+                continue;
+            };
+            let complete = &text[..=end];
+            self.offsets
+                .insert(file.clone(), offset + complete.len() as u64);
+            let short = file.trim_start_matches("user_logs/");
+            for line in complete.lines() {
+                lines.push(if several {
+                    format!("[{short}] {line}")
+                } else {
+                    line.to_string()
+                });
+            }
+        }
+        Ok(lines)
+    }
+}
+
+/// Polls until the job ends, passing status changes and new log lines to `say`; answers the
+/// final status.
+pub fn follow(
+    arm: &Arm,
+    name: &str,
+    poll: Duration,
+    logs: bool,
+    say: &mut dyn FnMut(&str),
+) -> Result<String> {
     let started = Instant::now();
     let mut last = String::new();
+    let mut tail = if logs && !arm.is_dry_run() {
+        Some(LogTail::new(arm, name)?)
+    } else {
+        None
+    };
     loop {
         let s = status(arm, name)?;
+        if let Some(t) = tail.as_mut() {
+            for line in t.poll(arm)? {
+                say(&line);
+            }
+        }
         if s.status != last {
             say(&format!(
                 "job {name}: {} ({} s)",

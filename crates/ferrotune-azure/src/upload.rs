@@ -84,6 +84,35 @@ pub fn scan(dir: &Path) -> Result<FolderPlan> {
     })
 }
 
+/// One file, uploaded as azure-ai-ml uploads a file input: `LocalUpload/{hash}/{name}`.
+pub fn scan_file(path: &Path) -> Result<FolderPlan> {
+    let meta = std::fs::metadata(path).map_err(|e| AzureError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(AzureError::Usage(format!("{}: not a file", path.display())));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| AzureError::Usage(format!("{}: no file name", path.display())))?
+        .to_string();
+    let bytes = std::fs::read(path).map_err(|e| AzureError::io(path, e))?;
+    let mut tree = Md5::new();
+    tree.update(name.as_bytes());
+    tree.update(&bytes);
+    let hash = hex(&tree.finalize());
+    let file = LocalFile {
+        rel: name,
+        path: path.to_path_buf(),
+        len: bytes.len() as u64,
+        md5: Md5::digest(&bytes).into(),
+    };
+    Ok(FolderPlan {
+        prefix: format!("LocalUpload/{hash}"),
+        hash,
+        files: vec![file],
+    })
+}
+
 fn walk(
     root: &Path,
     dir: &Path,

@@ -272,6 +272,10 @@ fn registering_a_job_output_and_submitting_a_command_job_match_the_specification
         model_outputs: vec!["trained_model".into()],
         timeout: Duration::from_secs(5 * 3600),
         environment_variables: vec![("FERROTUNE_LOG".into(), "info".into())],
+        tags: vec![(
+            "ferrotune.model_name".into(),
+            "Phi-3-mini-4k-instruct".into(),
+        )],
     };
     job::submit(&arm, &job).unwrap();
     let sent = fake
@@ -291,15 +295,34 @@ fn registering_a_job_output_and_submitting_a_command_job_match_the_specification
         .unwrap()
         .ends_with("/computes/gpu-cluster"));
     let mut said = Vec::new();
+    // The workspace's discovery URL leads to run history and the job's user log.
+    let discovery = format!("{}/discovery", fake.base);
+    for r in fake.state.lock().unwrap().routes.iter_mut() {
+        if r.method == "GET" && r.template == common::ws("") {
+            r.overrides = serde_json::json!({"properties": {"discoveryUrl": discovery}});
+        }
+    }
     let end = job::follow(
         &arm,
         "ferrotune-1764144000",
         Duration::from_millis(10),
+        true,
         &mut |s| said.push(s.to_string()),
     )
     .unwrap();
     assert_eq!(end, "Completed");
     assert!(said.iter().any(|s| s.contains("Running")), "{said:?}");
+    let logged: Vec<&String> = said.iter().filter(|s| !s.starts_with("job ")).collect();
+    assert_eq!(
+        logged,
+        ["step 1 loss 2.31", "step 2 loss 2.05", "saved checkpoint-2"],
+        "each user-log line once, in order, never the partial last line: {said:?}"
+    );
+    let status = job::status(&arm, "ferrotune-1764144000").unwrap();
+    assert_eq!(
+        status.tags.get("string").and_then(|v| v.as_str()),
+        Some("string")
+    );
 }
 
 #[test]

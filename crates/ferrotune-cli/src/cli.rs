@@ -49,8 +49,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Call a scoring endpoint (ferrotune serve or Azure ML) with a request file.
     Invoke(InvokeArgs),
-    /// Register, deploy, score and clean up on Azure ML.
-    Azure(Unbuilt),
+    /// Azure ML over REST: login, compute checks, register, endpoints, deployments, traffic,
+    /// keys, invoke, delete, and training as a command job.
+    Azure(AzureArgs),
     /// Throughput benchmarks, side by side with the Python reference.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -554,4 +555,263 @@ mod tests {
         // clap checks flag clashes only when a subcommand is parsed; check them all here.
         super::Cli::command().debug_assert();
     }
+}
+
+#[derive(Args, Debug)]
+pub struct AzureArgs {
+    /// Subscription id (else FERROTUNE_AZURE_SUBSCRIPTION_ID / AZURE_SUBSCRIPTION_ID, else config.json).
+    #[arg(long, global = true)]
+    pub subscription_id: Option<String>,
+    /// Resource group (else FERROTUNE_AZURE_RESOURCE_GROUP / AZURE_RESOURCE_GROUP, else config.json).
+    #[arg(long, global = true)]
+    pub resource_group: Option<String>,
+    /// Workspace name (else FERROTUNE_AZURE_WORKSPACE, else config.json).
+    #[arg(long, global = true)]
+    pub workspace_name: Option<String>,
+    /// The workspace's config.json (default: searched from here upwards, as MLClient.from_config does).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub workspace_config: Option<PathBuf>,
+    /// Resource Manager URL (sovereign clouds, tests).
+    #[arg(
+        long,
+        global = true,
+        env = "AZURE_RESOURCE_MANAGER_ENDPOINT",
+        default_value = "https://management.azure.com"
+    )]
+    pub arm_endpoint: String,
+    /// Print the requests (method, URL, body; secrets masked) instead of sending them.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+    /// Longest wait for a long-running operation (endpoint, deployment, delete).
+    #[arg(long, global = true, default_value = "2h")]
+    pub timeout: String,
+    /// Time between polls of a long-running operation or a job.
+    #[arg(long, global = true, default_value = "10s")]
+    pub poll_interval: String,
+    #[command(subcommand)]
+    pub command: AzureCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AzureCommand {
+    /// Resolve credentials (DefaultAzureCredential's order) and the workspace, and say who you are.
+    Login {
+        /// Also read the workspace, to prove the identity may use it.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Compute checks of the source document, and the memory plan's verdict.
+    #[command(subcommand)]
+    Compute(AzureComputeCommand),
+    /// Upload an MLflow model folder and register it as a model version (or register a job's output).
+    Register(AzureRegisterArgs),
+    /// Managed online endpoints.
+    #[command(subcommand)]
+    Endpoint(AzureEndpointCommand),
+    /// Create or update a deployment behind an endpoint.
+    Deploy(AzureDeployArgs),
+    /// Set the endpoint's traffic: demo=100 or blue=90,green=10.
+    Traffic {
+        #[arg(long)]
+        endpoint: String,
+        traffic: String,
+    },
+    /// The endpoint's keys (masked unless --show).
+    Keys {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        show: bool,
+    },
+    /// Score a request file on the endpoint (the source's sample_score.json).
+    Invoke {
+        #[arg(long)]
+        endpoint: String,
+        /// Pin one deployment (azureml-model-deployment).
+        #[arg(long)]
+        deployment: Option<String>,
+        #[arg(long, default_value = "sample_score.json")]
+        file: PathBuf,
+    },
+    /// Delete the endpoint and its deployments.
+    Delete {
+        #[arg(long)]
+        endpoint: String,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Train on Azure ML: this binary and the config as a command job.
+    Submit(AzureSubmitArgs),
+    /// A submitted job: show, stream, cancel.
+    #[command(subcommand)]
+    Job(AzureJobCommand),
+    /// The source document end to end: submit, stream, register, endpoint, deploy, traffic,
+    /// invoke, and delete with --delete.
+    Run(AzureRunArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AzureComputeCommand {
+    /// Is this compute (or VM size) fit for fine-tuning, how many GPUs per node, does the config fit?
+    Check(AzureComputeCheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AzureComputeCheckArgs {
+    /// A compute cluster of the workspace.
+    #[arg(long, required_unless_present = "sku", conflicts_with = "sku")]
+    pub compute: Option<String>,
+    /// A VM size, checked without a workspace.
+    #[arg(long)]
+    pub sku: Option<String>,
+    /// The model's finetune_compute_allow_list tag: ['Standard_NC24ads_A100_v4', ...] or a,b,c.
+    #[arg(long)]
+    pub allow_list: Option<String>,
+    /// A training config: also print whether it fits the VM size's GPUs.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct AzureRegisterArgs {
+    /// An MLflow model folder (`ferrotune export`).
+    #[arg(long, conflicts_with_all = ["model", "job"])]
+    pub path: Option<PathBuf>,
+    /// A version of the local registry (NAME:VERSION or NAME@ALIAS).
+    #[arg(long, conflicts_with = "job")]
+    pub model: Option<String>,
+    /// A job whose output to register (azureml://jobs/JOB/outputs/trained_model); with --path or
+    /// --model: the lineage only.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// The job output to register.
+    #[arg(long, default_value = "trained_model")]
+    pub output: String,
+    /// Model name (default `<base model>-ultrachat-200k`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Version (default: the Unix time, as the source does).
+    #[arg(long)]
+    pub version: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Upload block size (multi-GB shards go up as blocks).
+    #[arg(long, default_value = "32MiB")]
+    pub block_size: String,
+    /// Blocks uploaded at once.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AzureEndpointCommand {
+    /// Create (or update) a managed online endpoint.
+    Create {
+        name: String,
+        /// key (the source's), aml_token or aad_token.
+        #[arg(long, default_value = "key")]
+        auth: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// The endpoint's state, scoring URI and traffic.
+    Show { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct AzureDeployArgs {
+    #[arg(long)]
+    pub endpoint: String,
+    #[arg(long, default_value = "demo")]
+    pub name: String,
+    /// The registered model: NAME:VERSION in the workspace (or its ARM id).
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, default_value = "Standard_NC6s_v3")]
+    pub instance_type: String,
+    #[arg(long, default_value_t = 1)]
+    pub instance_count: u32,
+    #[arg(long, default_value = "600s")]
+    pub liveness_initial_delay: String,
+    #[arg(long, default_value = "90s")]
+    pub request_timeout: String,
+}
+
+#[derive(Args, Debug)]
+pub struct AzureSubmitArgs {
+    /// Training config, as for `ferrotune train` (validated here before anything is sent).
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// The workspace's compute cluster.
+    #[arg(long)]
+    pub compute: String,
+    /// Nodes (the job's instance count).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u32,
+    /// Processes per node, one per GPU.
+    #[arg(long, default_value_t = 1)]
+    pub gpus_per_node: u32,
+    /// Azure ML environment with CUDA and NCCL libraries.
+    #[arg(
+        long,
+        default_value = "azureml://registries/azureml/environments/acpt-pytorch-2.2-cuda12.1/labels/latest"
+    )]
+    pub environment: String,
+    /// Base model: an azureml:// model (as the source's registry model), or a local folder to upload.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training data: azureml:// folder/file, or a local folder/file to upload (default: the config's).
+    #[arg(long)]
+    pub data: Option<String>,
+    #[arg(long, default_value = "chat_completion_Phi-3-mini-4k-instruct")]
+    pub experiment: String,
+    /// Job name (default ferrotune-<unix time>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The Linux binary to run there (default: dist/cuda-sm80/ferrotune.gz, else this binary).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// The job's time limit.
+    #[arg(long, default_value = "5h")]
+    pub job_timeout: String,
+    /// Follow the job and its logs until it ends; exit with its outcome.
+    #[arg(long)]
+    pub stream: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AzureJobCommand {
+    /// Status and studio link.
+    Show { name: String },
+    /// Follow status and user logs until the job ends; exit 1 unless it completed.
+    Stream { name: String },
+    /// Cancel the job.
+    Cancel { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct AzureRunArgs {
+    #[command(flatten)]
+    pub submit: AzureSubmitArgs,
+    /// Registered model name (default `<model>-ultrachat-200k`).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// Endpoint name (default ultrachat-completion-<unix time>).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    #[arg(long, default_value = "Standard_NC6s_v3")]
+    pub instance_type: String,
+    /// Request file to score once deployed.
+    #[arg(long, default_value = "sample_score.json")]
+    pub score_file: PathBuf,
+    /// Delete the endpoint at the end, as the source's last step does.
+    #[arg(long)]
+    pub delete: bool,
 }

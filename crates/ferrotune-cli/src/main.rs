@@ -46,7 +46,7 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Models(args) => commands::models::run(args, json),
         Command::Serve(args) => commands::serve::run(args),
         Command::Invoke(args) => commands::invoke::run(args, json),
-        Command::Azure(_) => Err(Failure::not_yet("azure", "[azure]")),
+        Command::Azure(args) => commands::azure::run(args, json),
     }
 }
 

@@ -8,5 +8,7 @@ pub mod registry;
 pub mod spec;
 
 pub use error::{RegistryError, Result};
-pub use registry::{default_home, ModelSummary, ModelVersion, RegisterRequest, Registry};
+pub use registry::{
+    default_home, default_name, inspect, ModelSummary, ModelVersion, RegisterRequest, Registry,
+};
 pub use spec::{Selector, VersionSpec};

@@ -672,7 +672,7 @@ pub fn inspect(dir: &Path) -> Result<(&'static str, Option<Value>)> {
 }
 
 /// `<base model name>-ultrachat-200k`: the source document's registered name.
-fn default_name(lineage: Option<&Value>) -> Option<String> {
+pub fn default_name(lineage: Option<&Value>) -> Option<String> {
     let base = lineage?.get("base_model")?.as_str()?;
     let short = base.trim_end_matches('/').rsplit('/').next()?;
     let short: String = short

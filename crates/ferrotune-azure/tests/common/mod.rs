@@ -16,6 +16,13 @@ use serde_json::{json, Value};
 
 pub const TOKEN: &str = "test-arm-token";
 
+/// What the fake job's user log holds after each status poll.
+pub const LOG_LINES: [&str; 3] = [
+    "step 1 loss 2.31\n",
+    "step 2 loss 2.05\n",
+    "saved checkpoint-2\n",
+];
+
 pub fn examples_dir() -> PathBuf {
     let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     // The shared folder sits beside the repository in this workplace; CI's clean clone has a copy
@@ -357,6 +364,33 @@ async fn handle(
         };
     }
 
+    // Run history: discovery, run details with SAS log URLs, and a log that grows per job poll.
+    if path == "/discovery" {
+        let base = st.base.clone();
+        return reply(200, json!({"history": base, "api": base}), &[]);
+    }
+    if path.starts_with("/history/v1.0/subscriptions/") && path.ends_with("/details") {
+        let log = format!("{}/logs/std_log.txt?sv=2021&sig=secret", st.base);
+        return reply(
+            200,
+            json!({"status": "Running", "logFiles": {"user_logs/std_log.txt": log, "system_logs/x.txt": log}}),
+            &[],
+        );
+    }
+    if path == "/logs/std_log.txt" {
+        let full = LOG_LINES[..(st.job_polls as usize).min(LOG_LINES.len())].concat()
+            + "partial line without newline";
+        let from: usize = headers
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.trim_end_matches('-').parse().ok())
+            .unwrap_or(0);
+        if from >= full.len() {
+            return reply(416, Value::Null, &[]);
+        }
+        return (StatusCode::PARTIAL_CONTENT, full[from..].to_string()).into_response();
+    }
     if !path.starts_with("/subscriptions/") {
         return arm_error(404, "NotFound", &format!("no route {path}"));
     }
