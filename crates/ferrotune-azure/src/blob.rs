@@ -69,6 +69,10 @@ impl BlobContainer {
         Ok(Self::new(transport, base, BlobAuth::Sas(sas.to_string())))
     }
 
+    pub fn note(&self, text: &str) {
+        self.transport.note(text);
+    }
+
     pub fn is_dry_run(&self) -> bool {
         self.transport.is_dry_run()
     }

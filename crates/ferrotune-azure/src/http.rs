@@ -149,6 +149,17 @@ impl Transport {
         self.dry_run.is_some()
     }
 
+    /// In a dry run, prints `text` where the requests go (a summary standing for many requests).
+    pub fn note(&self, text: &str) {
+        match &self.dry_run {
+            Some(DryRunSink::Stdout) => println!("{text}"),
+            Some(DryRunSink::Capture(lines)) => {
+                lines.lock().expect("dry-run log").push(text.to_string())
+            }
+            None => {}
+        }
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }

@@ -68,9 +68,7 @@ pub fn upload_code(
         plan.files.len(),
         plan.total_bytes() as f64 / 1e6
     ));
-    if !arm.is_dry_run() {
-        upload::upload(&container, &plan, opts, &|_, _| {})?;
-    }
+    upload::upload(&container, &plan, opts, &|_, _| {})?;
     arm.put(
         &arm.ws_url(&rel),
         json!({"properties": {"codeUri": blob_uri, "isAnonymous": false}}),
@@ -292,9 +290,16 @@ pub fn follow(
     logs: bool,
     say: &mut dyn FnMut(&str),
 ) -> Result<String> {
+    if arm.is_dry_run() {
+        status(arm, name)?;
+        say(&format!(
+            "job {name}: (dry run) would be followed, status and user logs, until it ends"
+        ));
+        return Ok("Completed".into());
+    }
     let started = Instant::now();
     let mut last = String::new();
-    let mut tail = if logs && !arm.is_dry_run() {
+    let mut tail = if logs {
         Some(LogTail::new(arm, name)?)
     } else {
         None
@@ -314,7 +319,7 @@ pub fn follow(
             ));
             last = s.status.clone();
         }
-        if arm.is_dry_run() || TERMINAL.contains(&s.status.as_str()) {
+        if TERMINAL.contains(&s.status.as_str()) {
             return Ok(s.status);
         }
         std::thread::sleep(poll);

@@ -11,6 +11,8 @@ pub mod datastore;
 pub mod duration;
 pub mod endpoint;
 pub mod error;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod http;
 pub mod job;
 pub mod model;

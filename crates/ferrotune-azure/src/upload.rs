@@ -274,6 +274,9 @@ pub fn upload(
 ) -> Result<UploadReport> {
     let block_size = opts.block_size.max(1);
     let first = plan.blob_name(&plan.files[0]);
+    if container.is_dry_run() {
+        return Ok(describe_upload(container, plan, block_size));
+    }
     if let Some(props) = container.properties(&first)? {
         if props.metadata.get(COMPLETION_KEY).map(String::as_str) == Some(COMPLETION_VALUE) {
             return Ok(UploadReport {
@@ -410,6 +413,35 @@ pub fn upload(
         &[(COMPLETION_KEY, COMPLETION_VALUE), ("upload_version", "2")],
     )?;
     Ok(report)
+}
+
+/// A dry run's account of an upload: one line per file instead of one request per block.
+fn describe_upload(container: &BlobContainer, plan: &FolderPlan, block_size: u64) -> UploadReport {
+    let mut report = UploadReport::default();
+    for file in &plan.files {
+        let url = container.blob_url(&plan.blob_name(file));
+        let md5 = B64.encode(file.md5);
+        if file.len <= block_size {
+            container.note(&format!(
+                "PUT {url}  (Put Blob, {} bytes, Content-MD5 {md5})",
+                file.len
+            ));
+        } else {
+            let blocks = file.len.div_ceil(block_size);
+            container.note(&format!(
+                "PUT {url}?comp=block  (Put Block ×{blocks} of up to {block_size} bytes, each with its Content-MD5)\n\
+                 PUT {url}?comp=blocklist  (Put Block List, x-ms-blob-content-md5 {md5})"
+            ));
+            report.blocks_uploaded += blocks as usize;
+        }
+        report.files_uploaded += 1;
+        report.bytes_sent += file.len;
+    }
+    let first = container.blob_url(&plan.blob_name(&plan.files[0]));
+    container.note(&format!(
+        "PUT {first}?comp=metadata  (x-ms-meta-{COMPLETION_KEY}: {COMPLETION_VALUE}, last)"
+    ));
+    report
 }
 
 fn block_range(len: u64, block_size: u64, index: usize) -> (u64, u64) {

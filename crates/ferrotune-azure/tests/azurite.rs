@@ -2,90 +2,21 @@
 //! puts it in `.azurite/`; `scripts/test.sh` runs that first): block uploads, an interrupted and
 //! resumed upload, checksums, the completion marker, and a whole model registration.
 
-mod common;
-
 use std::collections::HashMap;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
-use common::{azure_routes, FakeAzure, TOKEN};
 use ferrotune_azure::blob::{BlobAuth, BlobContainer};
 use ferrotune_azure::credential::StaticCredential;
+use ferrotune_azure::fake::{azure_routes, start_azurite, Azurite, FakeAzure, ACCOUNT, KEY, TOKEN};
 use ferrotune_azure::http::{RetryPolicy, Transport};
 use ferrotune_azure::model::{self, ModelVersionSpec};
 use ferrotune_azure::upload::{self, UploadOptions};
 use ferrotune_azure::{Arm, Workspace};
 use md5::{Digest, Md5};
-
-/// Azurite's published development account: for emulators only.
-const ACCOUNT: &str = "devstoreaccount1";
-const KEY: &str =
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
-
-struct Azurite {
-    child: Child,
-    url: String,
-    _data: tempfile::TempDir,
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn azurite_program() -> PathBuf {
-    if let Ok(p) = std::env::var("FERROTUNE_AZURITE_BLOB") {
-        return PathBuf::from(p);
-    }
-    let p =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.azurite/node_modules/.bin/azurite-blob");
-    assert!(p.exists(), "Azurite is not installed: run scripts/install-azurite.sh (needs npm), or set FERROTUNE_AZURITE_BLOB");
-    p
-}
-
-fn start_azurite() -> Azurite {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let data = tempfile::tempdir().unwrap();
-    let child = Command::new(azurite_program())
-        .args([
-            "--blobHost",
-            "127.0.0.1",
-            "--blobPort",
-            &port.to_string(),
-            "--skipApiVersionCheck",
-            "--silent",
-            "--location",
-        ])
-        .arg(data.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start azurite-blob");
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "Azurite did not listen on {port} within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Azurite {
-        child,
-        url: format!("http://127.0.0.1:{port}/{ACCOUNT}"),
-        _data: data,
-    }
-}
 
 fn transport() -> Transport {
     Transport::new(

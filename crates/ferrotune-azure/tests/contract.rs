@@ -1,17 +1,15 @@
 //! The ARM client and the source's flow against a local server that answers from the API
 //! specification's examples and refuses any request body the examples do not describe.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{azure_routes, FakeAzure, TOKEN};
 use ferrotune_azure::credential::{
     identity_of, DefaultCredential, StaticCredential, TokenCredential, ARM_SCOPE,
 };
 use ferrotune_azure::endpoint::{self, DeploymentSpec};
+use ferrotune_azure::fake::{azure_routes, FakeAzure, TOKEN};
 use ferrotune_azure::http::{DryRunSink, RetryPolicy, Transport};
 use ferrotune_azure::job::{self, CommandJob, JobInput};
 use ferrotune_azure::model::{self, ModelVersionSpec};
@@ -298,7 +296,7 @@ fn registering_a_job_output_and_submitting_a_command_job_match_the_specification
     // The workspace's discovery URL leads to run history and the job's user log.
     let discovery = format!("{}/discovery", fake.base);
     for r in fake.state.lock().unwrap().routes.iter_mut() {
-        if r.method == "GET" && r.template == common::ws("") {
+        if r.method == "GET" && r.template == ferrotune_azure::fake::ws("") {
             r.overrides = serde_json::json!({"properties": {"discoveryUrl": discovery}});
         }
     }

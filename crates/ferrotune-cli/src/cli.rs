@@ -604,6 +604,7 @@ pub enum AzureCommand {
     #[command(subcommand)]
     Compute(AzureComputeCommand),
     /// Upload an MLflow model folder and register it as a model version (or register a job's output).
+    #[command(disable_version_flag = true)]
     Register(AzureRegisterArgs),
     /// Managed online endpoints.
     #[command(subcommand)]

@@ -223,13 +223,18 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.join(MLMODEL_FILE).is_file() {
-        let weights = path.join(MLFLOW_WEIGHTS_DIR);
-        if weights.join("config.json").is_file() {
-            return Ok(weights);
+        // Today's mlflow.transformers layout, then the older one Azure ML's registry models
+        // (Phi-3-mini-4k-instruct among them) were saved in.
+        for dir in [MLFLOW_WEIGHTS_DIR, MLFLOW_LEGACY_WEIGHTS_DIR] {
+            let weights = path.join(dir);
+            if weights.join("config.json").is_file() {
+                return Ok(weights);
+            }
         }
         return Err(ModelError::NotFound(format!(
-            "{spec} is an MLflow model folder without weights in {MLFLOW_WEIGHTS_DIR}/ (saved with \
-             save_pretrained=False?); export it again with `ferrotune export`, or pass the base model"
+            "{spec} is an MLflow model folder without weights in {MLFLOW_WEIGHTS_DIR}/ or \
+             {MLFLOW_LEGACY_WEIGHTS_DIR}/ (saved with save_pretrained=False?); export it again with \
+             `ferrotune export`, or pass the base model"
         )));
     }
     if path.is_dir() {
@@ -272,6 +277,9 @@ pub const MLMODEL_FILE: &str = "MLmodel";
 /// Where `mlflow.transformers` keeps the weights (its `model_binary`) and the tokenizer.
 pub const MLFLOW_WEIGHTS_DIR: &str = "model";
 pub const MLFLOW_TOKENIZER_DIR: &str = "components/tokenizer";
+/// The layout of MLflow 2.x's first transformers flavor: `data/model/`, `data/tokenizer/`.
+pub const MLFLOW_LEGACY_WEIGHTS_DIR: &str = "data/model";
+pub const MLFLOW_LEGACY_TOKENIZER_DIR: &str = "data/tokenizer";
 
 /// The tokenizer of a resolved model folder: the folder itself, or an MLflow folder's
 /// `components/tokenizer/` when `weights_dir` is the `model/` inside one.
@@ -280,6 +288,13 @@ pub fn tokenizer_dir_for(weights_dir: &Path) -> PathBuf {
         let tokenizer = root.join(MLFLOW_TOKENIZER_DIR);
         if root.join(MLMODEL_FILE).is_file() && tokenizer.join("tokenizer.json").is_file() {
             return tokenizer;
+        }
+        // `data/model` → the MLflow root is two levels up, its tokenizer in `data/tokenizer`.
+        if let Some(root) = root.parent().filter(|_| root.ends_with("data")) {
+            let tokenizer = root.join(MLFLOW_LEGACY_TOKENIZER_DIR);
+            if root.join(MLMODEL_FILE).is_file() && tokenizer.join("tokenizer.json").is_file() {
+                return tokenizer;
+            }
         }
     }
     weights_dir.to_path_buf()
@@ -299,6 +314,32 @@ fn hub_cache_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mlflow_folders_resolve_in_both_layouts_with_their_tokenizers() {
+        let dir = tempfile::tempdir().unwrap();
+        for (weights, tokenizer) in [
+            (MLFLOW_WEIGHTS_DIR, MLFLOW_TOKENIZER_DIR),
+            (MLFLOW_LEGACY_WEIGHTS_DIR, MLFLOW_LEGACY_TOKENIZER_DIR),
+        ] {
+            let root = dir.path().join(weights.replace('/', "_"));
+            std::fs::create_dir_all(root.join(weights)).unwrap();
+            std::fs::create_dir_all(root.join(tokenizer)).unwrap();
+            std::fs::write(root.join(MLMODEL_FILE), "flavors: {}\n").unwrap();
+            std::fs::write(root.join(weights).join("config.json"), "{}").unwrap();
+            std::fs::write(root.join(tokenizer).join("tokenizer.json"), "{}").unwrap();
+            let resolved = resolve_model(root.to_str().unwrap()).unwrap();
+            assert_eq!(resolved, root.join(weights));
+            assert_eq!(tokenizer_dir_for(&resolved), root.join(tokenizer));
+        }
+        let empty = dir.path().join("no_weights");
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::write(empty.join(MLMODEL_FILE), "flavors: {}\n").unwrap();
+        let err = resolve_model(empty.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data/model"), "{err}");
+    }
 
     #[test]
     fn damaged_or_missing_weight_files_are_named() {

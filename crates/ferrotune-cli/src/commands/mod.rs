@@ -1,3 +1,5 @@
+pub mod azure;
+pub mod azure_job;
 pub mod bench_data;
 pub mod bench_serve;
 pub mod bench_train;

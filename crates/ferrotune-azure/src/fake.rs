@@ -1,11 +1,14 @@
-//! A local stand-in for Azure: ARM routes answered from the API specification's own examples
-//! (`shared/azure/examples`, checked against what the client sends), long-running operations
-//! that take several polls, throttling, and AAD / managed-identity token endpoints.
-#![allow(dead_code)]
+//! A local stand-in for Azure, for tests (feature `fake`): ARM routes answered from the API
+//! specification's own examples (`fixtures/azure/examples`), which also check every request body
+//! the client sends; long-running operations that take several polls; throttling; run history
+//! with a growing user log; and AAD / managed-identity token endpoints.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -391,12 +394,39 @@ async fn handle(
         }
         return (StatusCode::PARTIAL_CONTENT, full[from..].to_string()).into_response();
     }
+    // A scoring endpoint behind the fake online endpoint (its scoringUri is {base}/score).
+    if path == "/score" {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if auth != "Bearer primary-endpoint-key" {
+            return reply(401, json!({"message": "invalid key"}), &[]);
+        }
+        let deployment = headers
+            .get("azureml-model-deployment")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("demo")
+            .to_string();
+        let rows = body_json
+            .pointer("/input_data/input_string")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        return reply(
+            200,
+            json!({"output": format!("{rows} conversation(s) scored")}),
+            &[("azureml-model-deployment", deployment)],
+        );
+    }
     if !path.starts_with("/subscriptions/") {
         return arm_error(404, "NotFound", &format!("no route {path}"));
     }
-    if headers.get("authorization").and_then(|v| v.to_str().ok())
-        != Some(&format!("Bearer {TOKEN}"))
-    {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let issued = ["aad", "msi", "imds"].map(|w| format!("Bearer {}", jwt(w)));
+    if bearer != format!("Bearer {TOKEN}") && !issued.iter().any(|t| t == bearer) {
         return arm_error(401, "AuthenticationFailed", "missing or wrong bearer token");
     }
     if !query.split('&').any(|p| p == "api-version=2024-10-01") {
@@ -592,4 +622,76 @@ pub fn azure_routes() -> Vec<Route> {
     ];
     routes.extend([endpoint, deployment, keys, job]);
     routes
+}
+
+/// Azurite's published development account: for emulators only.
+pub const ACCOUNT: &str = "devstoreaccount1";
+pub const KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// A running `azurite-blob`, stopped (and its data removed) when dropped.
+pub struct Azurite {
+    child: Child,
+    /// `http://127.0.0.1:PORT/devstoreaccount1`: the account URL.
+    pub url: String,
+    data: PathBuf,
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// `FERROTUNE_AZURITE_BLOB`, else `.azurite/` at the repository root (scripts/install-azurite.sh).
+pub fn azurite_program() -> PathBuf {
+    if let Ok(p) = std::env::var("FERROTUNE_AZURITE_BLOB") {
+        return PathBuf::from(p);
+    }
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.azurite/node_modules/.bin/azurite-blob");
+    assert!(p.exists(), "Azurite is not installed: run scripts/install-azurite.sh (needs npm), or set FERROTUNE_AZURITE_BLOB");
+    p
+}
+
+/// Starts Azurite's blob service on a free loopback port and waits until it listens.
+pub fn start_azurite() -> Azurite {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data =
+        std::env::temp_dir().join(format!("ferrotune-azurite-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&data).unwrap();
+    let child = Command::new(azurite_program())
+        .args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--skipApiVersionCheck",
+            "--silent",
+            "--location",
+        ])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start azurite-blob");
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "Azurite did not listen on {port} within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Azurite {
+        child,
+        url: format!("http://127.0.0.1:{port}/{ACCOUNT}"),
+        data,
+    }
 }
