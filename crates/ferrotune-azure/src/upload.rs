@@ -147,15 +147,19 @@ fn walk(
         }
         let mut file = File::open(&path).map_err(|e| AzureError::io(&path, e))?;
         let mut own = Md5::new();
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; 8 << 20];
         let mut len = 0u64;
         loop {
-            let n = file.read(&mut buf).map_err(|e| AzureError::io(&path, e))?;
+            let n = read_full(&mut file, &mut buf).map_err(|e| AzureError::io(&path, e))?;
             if n == 0 {
                 break;
             }
-            tree.update(&buf[..n]);
-            own.update(&buf[..n]);
+            // The tree hash and the file's own MD5 over the same bytes, on two cores.
+            let chunk = &buf[..n];
+            std::thread::scope(|scope| {
+                scope.spawn(|| own.update(chunk));
+                tree.update(chunk);
+            });
             len += n as u64;
         }
         files.push(LocalFile {
@@ -312,8 +316,14 @@ pub fn upload(
         let blocks = file.len.div_ceil(block_size) as usize;
         for index in 0..blocks {
             let (offset, len) = block_range(file.len, block_size, index);
-            let id = block_id(index, &md5_of_range(&file.path, offset, len)?);
-            if staged.contains(&(id.clone(), len)) {
+            // Block ids carry the block's MD5; it is worked out ahead only when the service
+            // holds staged blocks that might be reused, else while the block is sent.
+            let id = if staged.is_empty() {
+                String::new()
+            } else {
+                block_id(index, &md5_of_range(&file.path, offset, len)?)
+            };
+            if !id.is_empty() && staged.contains(&(id.clone(), len)) {
                 report.blocks_reused += 1;
             } else {
                 work.push(Work::Block { file: i, index });
@@ -323,6 +333,7 @@ pub fn upload(
         }
     }
 
+    let block_ids = Mutex::new(block_ids);
     let next = AtomicUsize::new(0);
     let sent = AtomicU64::new(0);
     let first_error: Mutex<Option<AzureError>> = Mutex::new(None);
@@ -358,10 +369,11 @@ pub fn upload(
                         let (offset, len) = block_range(f.len, block_size, *index);
                         read_range(&f.path, offset, len).and_then(|data| {
                             let md5: [u8; 16] = Md5::digest(&data).into();
-                            let id = &block_ids[*file][*index];
+                            let id = block_id(*index, &md5);
                             container
-                                .put_block(&plan.blob_name(f), id, data, &md5)
+                                .put_block(&plan.blob_name(f), &id, data, &md5)
                                 .map(|_| {
+                                    block_ids.lock().expect("block ids")[*file][*index] = id;
                                     blocks_sent.fetch_add(1, Ordering::SeqCst);
                                     len
                                 })
@@ -383,6 +395,7 @@ pub fn upload(
     }
     report.blocks_uploaded = blocks_sent.into_inner();
     report.bytes_sent = sent.into_inner();
+    let block_ids = block_ids.into_inner().expect("block ids");
     for (i, file) in plan.files.iter().enumerate() {
         if !pending[i] {
             continue;
@@ -391,9 +404,6 @@ pub fn upload(
         let name = plan.blob_name(file);
         if !block_ids[i].is_empty() {
             container.put_block_list(&name, &block_ids[i], &file.md5)?;
-        }
-        if container.is_dry_run() {
-            continue;
         }
         let props = container.properties(&name)?;
         if props.as_ref().map(|p| p.len) != Some(file.len) {
@@ -442,6 +452,18 @@ fn describe_upload(container: &BlobContainer, plan: &FolderPlan, block_size: u64
         "PUT {first}?comp=metadata  (x-ms-meta-{COMPLETION_KEY}: {COMPLETION_VALUE}, last)"
     ));
     report
+}
+
+/// Fills `buf` unless the file ends first (`read` may return less than asked).
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }
 
 fn block_range(len: u64, block_size: u64, index: usize) -> (u64, u64) {

@@ -33,7 +33,7 @@ impl Failure {
     pub fn not_yet(command: &str, tag: &str) -> Failure {
         Failure::usage(format!(
             "`ferrotune {command}` is not yet available in this build (tracked under {tag}); \
-             `ferrotune data prepare|inspect|stats`, `train`, `plan`, `generate`, `eval`, `export`, `models`, `serve`, `invoke`, `run` and `bench data|train` work today"
+             `ferrotune data prepare|inspect|stats`, `train`, `plan`, `generate`, `eval`, `export`, `models`, `serve`, `invoke`, `azure`, `run` and `bench data|train|serve` work today"
         ))
     }
 }
