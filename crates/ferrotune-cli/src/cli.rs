@@ -79,6 +79,25 @@ pub struct TrainArgs {
     /// Print the resolved config and the memory plan, then stop (nothing is loaded).
     #[arg(long)]
     pub dry_run: bool,
+    /// Start N ranks on this node (one per GPU, or N CPU processes) and wait for them, as
+    /// torchrun does. Under torchrun or Azure ML (RANK/WORLD_SIZE set) each process is one rank.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// Nodes in the job (with --nproc-per-node).
+    #[arg(long, default_value_t = 1, requires = "nproc_per_node")]
+    pub nnodes: usize,
+    /// This node's index, 0..nnodes.
+    #[arg(long, default_value_t = 0, requires = "nproc_per_node")]
+    pub node_rank: usize,
+    /// Rank 0's host (with several nodes: an address every node reaches).
+    #[arg(long, default_value = "127.0.0.1", requires = "nproc_per_node")]
+    pub master_addr: String,
+    /// Rank 0's port (default: 29500 with several nodes, a free port on one).
+    #[arg(long, requires = "nproc_per_node")]
+    pub master_port: Option<u16>,
+    /// Seconds a rank waits for another in a collective before it gives up and names it.
+    #[arg(long, env = "FERROTUNE_DIST_TIMEOUT", default_value_t = 600)]
+    pub dist_timeout: u64,
 }
 
 #[derive(Args, Debug)]

@@ -443,7 +443,7 @@ fn missing_inputs_are_usage_errors_not_panics() {
 #[test]
 fn unbuilt_commands_say_so_with_exit_2() {
     ferrotune()
-        .args(["azure", "login"])
+        .args(["bench", "decode"])
         .assert()
         .code(2)
         .stderr(contains("not yet available"));

@@ -495,3 +495,101 @@ fn a_trained_run_exports_verifies_and_is_a_model_for_every_command() {
         .code(2)
         .stderr(contains("no such folder"));
 }
+
+/// `--nproc-per-node 2` starts two ranks that train, bit for bit, what one process trains with
+/// twice the accumulation; the same binary under torchrun-style variables joins as one rank, and
+/// ranks that disagree about the training stop at once with exit 2.
+#[test]
+fn two_ranks_train_what_one_process_trains_and_mismatched_ranks_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        "max_steps: 6\neval_steps: 3\nsave_steps: 3\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 1\nshuffle: true\nlora_dropout: 0.1\n",
+    );
+    let out = |name: &str| tmp.path().join(name);
+    ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--nproc-per-node", "2", "--dist-timeout", "120", "--set"])
+        .arg(format!("output_dir={}", out("two").display()))
+        .assert()
+        .success()
+        .stdout(contains("training completed: 6/6 steps"));
+    ferrotune()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--set", "gradient_accumulation_steps=2", "--set"])
+        .arg(format!("output_dir={}", out("one").display()))
+        .assert()
+        .success();
+    let adapter =
+        |dir: &str| std::fs::read(out(dir).join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        adapter("two") == adapter("one"),
+        "the 2-rank adapter differs from the single process's"
+    );
+    let losses = |dir: &str| -> Vec<String> {
+        std::fs::read_to_string(out(dir).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"grad_norm\""))
+            .map(|l| l.split("\"elapsed_s\"").next().unwrap().to_string())
+            .collect()
+    };
+    let (two, one) = (losses("two"), losses("one"));
+    assert!(!two.is_empty());
+    assert_eq!(
+        two.iter()
+            .map(|l| l.split("\"tokens_per_s\"").next().unwrap())
+            .collect::<Vec<_>>(),
+        one.iter()
+            .map(|l| l.split("\"tokens_per_s\"").next().unwrap())
+            .collect::<Vec<_>>()
+    );
+
+    // Two processes started by hand, as torchrun would; rank 1 was given another learning rate.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bin = assert_cmd::cargo::cargo_bin("ferrotune");
+    let started = Instant::now();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let mut cmd = std::process::Command::new(&bin);
+            cmd.arg("train")
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--set")
+                .arg(format!("output_dir={}", out("mismatch").display()))
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("FERROTUNE_DIST_TIMEOUT", "30")
+                .env_remove("MLFLOW_TRACKING_URI")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            if rank == 1 {
+                cmd.args(["--set", "learning_rate=1e-3"]);
+            }
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    for (rank, child) in ranks.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "rank {rank}: {stderr}");
+        assert!(stderr.contains("config hash"), "rank {rank}: {stderr}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "refused fast: {:?}",
+        started.elapsed()
+    );
+    assert!(!out("mismatch").join("checkpoint-3").exists());
+}

@@ -491,10 +491,12 @@ impl TrainConfig {
                 format!("{} must be 0, 1, 2 or 3", self.deepspeed_stage),
             );
         }
-        if self.num_nodes_finetune * self.number_of_gpu_to_use_finetuning > 1 {
+        if self.apply_deepspeed && self.deepspeed_stage == 3 {
             return bad(
-                "number_of_gpu_to_use_finetuning",
-                "more than one process needs the distributed launcher, which is not built yet; train on one device".into(),
+                "deepspeed_stage",
+                "3 (sharding the frozen base weights) is not supported: every rank holds the whole \
+                 frozen model; use 2 (gradients and optimizer state sharded) or 0"
+                    .into(),
             );
         }
         if !matches!(self.device.as_str(), "auto" | "cpu" | "cuda")
@@ -506,6 +508,19 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// The training hash a job of `world` ranks shares with a single process of the same global
+    /// batch: `gradient_accumulation_steps × world` is what defines the steps.
+    pub fn training_hash_for(&self, world: usize) -> String {
+        if world <= 1 {
+            return self.training_hash();
+        }
+        let mut single = self.clone();
+        single.gradient_accumulation_steps *= world;
+        single.number_of_gpu_to_use_finetuning = 1;
+        single.num_nodes_finetune = 1;
+        single.training_hash()
     }
 
     /// Global batch in sequences: per device × accumulation × devices (the source's `bs` figure).

@@ -24,6 +24,9 @@ pub enum TrainError {
         value: f64,
         last_good: String,
     },
+    /// A rank that left, never came, or timed out; a broken connection between ranks.
+    #[error("distributed: {0}")]
+    Distributed(String),
     #[error(transparent)]
     Data(#[from] ferrotune_data::DataError),
     #[error(transparent)]

@@ -28,6 +28,46 @@ pub fn evaluate(
     batch_size: usize,
     pad_id: u32,
 ) -> Result<EvalMetrics> {
+    let sums = eval_sums(model, seqs, batch_size, pad_id)?;
+    Ok(sums.metrics(seqs.len()))
+}
+
+/// What evaluation adds up, so that ranks evaluating shards can sum their parts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalSums {
+    pub nll: f64,
+    pub tokens: usize,
+    pub correct: usize,
+}
+
+impl EvalSums {
+    pub fn metrics(&self, sequences: usize) -> EvalMetrics {
+        let loss = if self.tokens == 0 {
+            f64::NAN
+        } else {
+            self.nll / self.tokens as f64
+        };
+        EvalMetrics {
+            loss,
+            perplexity: loss.exp(),
+            accuracy: if self.tokens == 0 {
+                0.0
+            } else {
+                self.correct as f64 / self.tokens as f64
+            },
+            tokens: self.tokens,
+            sequences,
+        }
+    }
+}
+
+/// Summed negative log-likelihood, trained tokens and right guesses over `seqs`.
+pub fn eval_sums(
+    model: &Phi3,
+    seqs: &[TrainingSequence],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<EvalSums> {
     let (mut nll, mut tokens, mut correct) = (0f64, 0usize, 0usize);
     for chunk in seqs.chunks(batch_size.max(1)) {
         let refs: Vec<&TrainingSequence> = chunk.iter().collect();
@@ -45,20 +85,9 @@ pub fn evaluate(
             }
         }
     }
-    let loss = if tokens == 0 {
-        f64::NAN
-    } else {
-        nll / tokens as f64
-    };
-    Ok(EvalMetrics {
-        loss,
-        perplexity: loss.exp(),
-        accuracy: if tokens == 0 {
-            0.0
-        } else {
-            correct as f64 / tokens as f64
-        },
+    Ok(EvalSums {
+        nll,
         tokens,
-        sequences: seqs.len(),
+        correct,
     })
 }

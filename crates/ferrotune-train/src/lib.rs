@@ -6,6 +6,7 @@
 pub mod batches;
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod eval;
 mod flex;

@@ -111,18 +111,29 @@ impl AdamW {
 /// Total L2 norm of all gradients (f64), as `clip_grad_norm_` computes it: the norm of the
 /// per-tensor norms.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sum = 0f64;
-    for g in grads {
-        let n = f64::from(
-            g.to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .sqrt()?
-                .to_scalar::<f32>()?,
-        );
-        sum += n * n;
-    }
-    Ok(sum.sqrt())
+    Ok(combine_norms(&tensor_norms(grads)?))
+}
+
+/// Each gradient's own L2 norm (computed in f32, as torch does per tensor).
+pub fn tensor_norms(grads: &[Tensor]) -> Result<Vec<f64>> {
+    grads
+        .iter()
+        .map(|g| {
+            Ok(f64::from(
+                g.to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .sqrt()?
+                    .to_scalar::<f32>()?,
+            ))
+        })
+        .collect()
+}
+
+/// The norm of per-tensor norms, summed in tensor order (so ranks holding different tensors
+/// get the single-process value once they share their norms).
+pub fn combine_norms(norms: &[f64]) -> f64 {
+    norms.iter().fold(0f64, |sum, n| sum + n * n).sqrt()
 }
 
 /// Scale gradients so their global norm is at most `max_norm` (coefficient

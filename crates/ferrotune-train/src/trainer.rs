@@ -19,10 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::batches::{collate, epoch_order, EpochShape, MicroBatch};
 use crate::checkpoint::{self, CheckpointContents, TrainerState};
 use crate::config::{Precision, TrainConfig};
+use crate::dist::{self, Communicator, Solo};
 use crate::error::{Result, TrainError};
-use crate::eval::{evaluate, EvalMetrics};
+use crate::eval::{eval_sums, EvalMetrics, EvalSums};
 use crate::metrics::{EvalRecord, MetricsFile, Record, TrainRecord};
-use crate::optimizer::{clip, global_norm, AdamW, AdamWSettings};
+use crate::optimizer::{clip, combine_norms, global_norm, tensor_norms, AdamW, AdamWSettings};
 use crate::schedule::Schedule;
 
 /// The final adapter of a run, in PEFT layout: `output_dir/adapter`.
@@ -120,7 +121,7 @@ fn var_names(model: &Phi3) -> Vec<String> {
         .collect()
 }
 
-/// Train `model` (LoRA pairs attached) on `data` as `cfg` says.
+/// Train `model` (LoRA pairs attached) on `data` as `cfg` says, in this process alone.
 pub fn train(
     cfg: &TrainConfig,
     model: &mut Phi3,
@@ -129,14 +130,50 @@ pub fn train(
     options: &RunOptions,
     observer: &mut dyn Observer,
 ) -> Result<Summary> {
+    train_with(cfg, model, lora, data, options, observer, &mut Solo)
+}
+
+/// Train as one rank of a data-parallel job. Each optimizer step covers the window a single
+/// process would take with `gradient_accumulation_steps × world` micro-batches; rank r computes
+/// the r-th contiguous share of it, gradients are summed over ranks, and (with `apply_deepspeed`
+/// and stage 1 or 2) each rank keeps and updates only the optimizer state of the tensors it owns.
+/// Only rank 0 writes checkpoints and metrics and tells `observer`.
+pub fn train_with(
+    cfg: &TrainConfig,
+    model: &mut Phi3,
+    lora: &LoraConfig,
+    data: &RunData,
+    options: &RunOptions,
+    observer: &mut dyn Observer,
+    comm: &mut dyn Communicator,
+) -> Result<Summary> {
     let started = Instant::now();
     let out = &cfg.output_dir;
+    let (rank, world) = (comm.rank(), comm.world());
+    let lead = rank == 0;
+    let configured = cfg.num_nodes_finetune * cfg.number_of_gpu_to_use_finetuning;
+    if configured > 1 && configured != world {
+        return Err(TrainError::config(
+            "number_of_gpu_to_use_finetuning",
+            format!(
+                "num_nodes_finetune × number_of_gpu_to_use_finetuning = {configured}, but this job has {world} rank(s); \
+                 start it with --nproc-per-node (and --nnodes) to match, or set both to 1"
+            ),
+        ));
+    }
+    let zero = if cfg.apply_deepspeed && world > 1 {
+        cfg.deepspeed_stage
+    } else {
+        0
+    };
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
-    checkpoint::clean_staging(out);
+    if lead {
+        checkpoint::clean_staging(out);
+    }
     let shape = EpochShape {
         sequences: data.train.len(),
         batch_size: cfg.per_device_train_batch_size,
-        accumulation: cfg.gradient_accumulation_steps,
+        accumulation: cfg.gradient_accumulation_steps * world,
     };
     if data.train.is_empty() {
         return Err(TrainError::config(
@@ -157,7 +194,7 @@ pub fn train(
         total_steps,
     };
     let fp16 = model.dtype() == DType::F16;
-    let hash = cfg.training_hash();
+    let hash = cfg.training_hash_for(world);
 
     // Resume: adapter weights first (they replace the variables), then the moments.
     let mut state = TrainerState {
@@ -216,6 +253,19 @@ pub fn train(
     }
     let vars = model.trainable_vars();
     let names = var_names(model);
+    // ZeRO-1/2: each tensor's optimizer state (and, at stage 2, its summed gradient) lives on
+    // one rank only; stage 0 keeps everything everywhere.
+    let owners = if zero >= 1 {
+        dist::owners(
+            &vars.iter().map(|v| v.elem_count()).collect::<Vec<_>>(),
+            world,
+        )
+    } else {
+        vec![rank; vars.len()]
+    };
+    let owned: Vec<usize> = (0..vars.len()).filter(|&i| owners[i] == rank).collect();
+    let owned_vars: Vec<candle_core::Var> = owned.iter().map(|&i| vars[i].clone()).collect();
+    let owned_names: Vec<String> = owned.iter().map(|&i| names[i].clone()).collect();
     let mut optimizer = AdamW::new(
         AdamWSettings {
             beta1: cfg.adam_beta1,
@@ -223,10 +273,16 @@ pub fn train(
             eps: cfg.adam_epsilon,
             weight_decay: cfg.weight_decay,
         },
-        &vars,
+        &owned_vars,
     )?;
     if let (Some(tensors), Some(dir)) = (&resumed_optimizer, &options.resume_from) {
-        optimizer.load_state(&names, tensors, state.optimizer_steps, dir, model.device())?;
+        optimizer.load_state(
+            &owned_names,
+            tensors,
+            state.optimizer_steps,
+            dir,
+            model.device(),
+        )?;
     }
     let run_shape = RunShape {
         total_steps,
@@ -238,9 +294,18 @@ pub fn train(
         resumed_from: options.resume_from.clone(),
         start_step: state.global_step,
     };
-    observer.started(&run_shape);
-    let mut metrics =
-        MetricsFile::open(out, options.resume_from.as_ref().map(|_| state.global_step))?;
+    if lead {
+        observer.started(&run_shape);
+    }
+    let mut metrics = if lead {
+        Some(MetricsFile::open(
+            out,
+            options.resume_from.as_ref().map(|_| state.global_step),
+        )?)
+    } else {
+        None
+    };
+    let mut last_eval: Option<EvalMetrics> = None;
     let config_yaml = cfg.to_yaml();
     let elapsed_before = state.elapsed_s;
     let session_start = Instant::now();
@@ -266,19 +331,29 @@ pub fn train(
             .iter()
             .map(|idx| idx.iter().map(|&i| &data.train[i]).collect())
             .collect();
+        // Every rank knows the whole window (it has all the data), so the token count that
+        // normalises the loss is the global one without a collective.
         let targets: usize = seqs
             .iter()
             .flatten()
             .map(|s| s.trainable.iter().skip(1).filter(|&&t| t).count())
             .sum();
+        let share = cfg.gradient_accumulation_steps;
+        let mine = (rank * share).min(seqs.len())..((rank + 1) * share).min(seqs.len());
         let step_started = Instant::now();
 
         // Forward and backward over the window.
         let scale = state.loss_scale / targets.max(1) as f64;
-        let mut loss_sum = 0f64;
         let mut step_tokens = 0usize;
-        let mut grads: Option<Vec<Tensor>> = None;
+        // Rank 0 accumulates as it goes; other ranks keep their micro-batches' gradients apart,
+        // to be added one by one onto the running sum the ranks before them pass on.
+        let mut acc: Option<Vec<Tensor>> = None;
+        let mut parts: Vec<Vec<Tensor>> = Vec::new();
+        let mut micro_losses = vec![0f64; seqs.len()];
         for (m, group) in seqs.iter().enumerate() {
+            if !mine.contains(&m) {
+                continue;
+            }
             model.set_dropout_key(derive(derive(cfg.seed, k), m as u64));
             let mb = collate(
                 group,
@@ -287,18 +362,28 @@ pub fn train(
                 model.device(),
             )?;
             let (sum, g) = micro_step(model, &mb, scale, cfg.gradient_checkpointing, &vars)?;
-            loss_sum += f64::from(sum);
+            micro_losses[m] = f64::from(sum);
             step_tokens += mb.tokens;
-            grads = Some(match grads {
-                None => g,
-                Some(acc) => acc
-                    .iter()
-                    .zip(&g)
-                    .map(|(a, b)| a + b)
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-            });
+            if rank == 0 {
+                acc = Some(dist::fold(acc, g)?);
+            } else {
+                parts.push(g);
+            }
         }
-        let mut grads = grads.expect("a window holds at least one micro-batch");
+        let like: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = comm.ordered_sum(acc, parts, &like, (zero >= 2).then_some(&owners[..]))?;
+        // Per-micro-batch losses travel in their slots, so their sum has the single-process order.
+        let mut totals = micro_losses;
+        totals.push(step_tokens as f64);
+        comm.all_reduce_scalars(&mut totals)?;
+        let step_tokens = totals.pop().expect("token count") as usize;
+        let loss_sum = totals.iter().fold(0f64, |s, l| s + l);
+        // From here on a rank works on the gradients of the tensors it updates.
+        let mut grads: Vec<Tensor> = if zero >= 1 {
+            owned.iter().map(|&i| grads[i].clone()).collect()
+        } else {
+            grads
+        };
         if state.loss_scale != 1.0 {
             let inv = 1.0 / state.loss_scale;
             grads = grads
@@ -307,7 +392,18 @@ pub fn train(
                 .collect::<candle_core::Result<Vec<_>>>()?;
         }
         let loss = loss_sum / targets.max(1) as f64;
-        let norm = global_norm(&grads)?;
+        let norm = if zero >= 1 {
+            // Each owner's per-tensor norms in their slots: combined in tensor order, as one
+            // process would.
+            let mut norms = vec![0f64; vars.len()];
+            for (&i, n) in owned.iter().zip(tensor_norms(&grads)?) {
+                norms[i] = n;
+            }
+            comm.all_reduce_scalars(&mut norms)?;
+            combine_norms(&norms)
+        } else {
+            global_norm(&grads)?
+        };
         state.global_step += 1;
         state.epoch = state.global_step as f64 / steps_per_epoch as f64;
         state.tokens_seen += step_tokens as u64;
@@ -346,7 +442,14 @@ pub fn train(
             if cfg.max_grad_norm > 0.0 {
                 clip(&mut grads, norm, cfg.max_grad_norm)?;
             }
-            optimizer.update(&vars, &grads, lr)?;
+            optimizer.update(&owned_vars, &grads, lr)?;
+            if zero >= 1 {
+                let mut weights: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                comm.broadcast_from_owners(&mut weights, &owners)?;
+                for (v, w) in vars.iter().zip(&weights) {
+                    v.set(w)?;
+                }
+            }
             state.optimizer_steps += 1;
             if fp16 {
                 state.scale_good_steps += 1;
@@ -362,13 +465,15 @@ pub fn train(
         let step_s = step_started.elapsed().as_secs_f64();
         window.add(loss_sum, targets, step_tokens, step_s, finite);
         let tokens_per_s = step_tokens as f64 / step_s.max(1e-9);
-        observer.step(
-            state.global_step,
-            total_steps,
-            if finite { loss } else { f64::NAN },
-            lr,
-            tokens_per_s,
-        );
+        if lead {
+            observer.step(
+                state.global_step,
+                total_steps,
+                if finite { loss } else { f64::NAN },
+                lr,
+                tokens_per_s,
+            );
+        }
 
         let step = state.global_step;
         let last = step == total_steps;
@@ -377,8 +482,10 @@ pub fn train(
             if let Some(rec) = window.record(&state, lr, norm, elapsed, fp16) {
                 last_train_loss = Some(rec.loss);
                 let rec = Record::Train(rec);
-                metrics.append(&rec)?;
-                observer.record(&rec);
+                if let Some(m) = metrics.as_mut() {
+                    m.append(&rec)?;
+                    observer.record(&rec);
+                }
             }
             window = LogWindow::new();
         }
@@ -387,7 +494,14 @@ pub fn train(
         if let Some(val) = &data.validation {
             let due = cfg.eval_steps.is_some_and(|n| step.is_multiple_of(n));
             if due || last {
-                let rec = run_eval(model, val, cfg, &state, data.pad_id)?;
+                let rec = run_eval(model, val, cfg, &state, data.pad_id, comm)?;
+                last_eval = Some(EvalMetrics {
+                    loss: rec.eval_loss,
+                    perplexity: rec.eval_perplexity,
+                    accuracy: rec.eval_accuracy,
+                    tokens: rec.eval_tokens,
+                    sequences: val.len(),
+                });
                 state.eval_loss = Some(rec.eval_loss);
                 if state.best_eval_loss.is_none_or(|b| rec.eval_loss < b) {
                     state.best_eval_loss = Some(rec.eval_loss);
@@ -403,34 +517,38 @@ pub fn train(
                     }
                 }
                 let rec = Record::Eval(rec);
-                metrics.append(&rec)?;
-                observer.record(&rec);
+                if let Some(m) = metrics.as_mut() {
+                    m.append(&rec)?;
+                    observer.record(&rec);
+                }
             }
         }
-        let interrupted = options.stop.load(Ordering::SeqCst);
+        // One rank's Ctrl-C (or its launcher's) stops them all after the same step.
+        let mut stop = [f64::from(u8::from(options.stop.load(Ordering::SeqCst)))];
+        comm.all_reduce_scalars(&mut stop)?;
+        let interrupted = stop[0] > 0.0;
         if step.is_multiple_of(cfg.save_steps) || last || stop_early || interrupted {
             state.elapsed_s = elapsed;
-            let path = save_checkpoint(
-                cfg,
-                model,
-                lora,
-                options,
-                &optimizer,
-                &names,
-                &state,
-                &config_yaml,
-            )?;
-            observer.checkpoint(&path);
-            last_checkpoint = Some(path);
-            if cfg.save_total_limit > 0 {
-                for gone in checkpoint::prune(out, cfg.save_total_limit as usize, state.best_step)?
-                {
-                    tracing::debug!(
-                        "removed {} (save_total_limit {})",
-                        gone.display(),
-                        cfg.save_total_limit
-                    );
+            // Sharded optimizer state comes together on rank 0; every rank takes part.
+            let moments = optimizer_state(&optimizer, &owned, &names, &vars, &owners, zero, comm)?;
+            if lead {
+                let path =
+                    save_checkpoint(cfg, model, lora, options, moments, &state, &config_yaml)?;
+                observer.checkpoint(&path);
+                last_checkpoint = Some(path);
+                if cfg.save_total_limit > 0 {
+                    for gone in
+                        checkpoint::prune(out, cfg.save_total_limit as usize, state.best_step)?
+                    {
+                        tracing::debug!(
+                            "removed {} (save_total_limit {})",
+                            gone.display(),
+                            cfg.save_total_limit
+                        );
+                    }
                 }
+            } else {
+                last_checkpoint = Some(checkpoint::path_for(out, state.global_step));
             }
         }
         if interrupted && !last {
@@ -461,24 +579,31 @@ pub fn train(
     };
     let adapter = if finish == Finish::Interrupted {
         None
-    } else {
+    } else if lead {
         Some(publish_adapter(out, &last_checkpoint)?)
+    } else {
+        Some(out.join(ADAPTER_DIR))
     };
-    let records = crate::metrics::read(metrics.path())?;
-    let plot = out.join(crate::plot::PLOT_FILE);
-    if let Err(e) = crate::plot::write(&records, &cfg.display_name(), &plot) {
-        tracing::warn!("could not draw the loss plot: {e}");
-    }
-    let final_eval = records.into_iter().rev().find_map(|r| match r {
-        Record::Eval(e) => Some(EvalMetrics {
-            loss: e.eval_loss,
-            perplexity: e.eval_perplexity,
-            accuracy: e.eval_accuracy,
-            tokens: e.eval_tokens,
-            sequences: data.validation.as_ref().map_or(0, |v| v.len()),
-        }),
-        _ => None,
-    });
+    let metrics_path = out.join(crate::metrics::METRICS_FILE);
+    let final_eval = if lead {
+        let records = crate::metrics::read(&metrics_path)?;
+        let plot = out.join(crate::plot::PLOT_FILE);
+        if let Err(e) = crate::plot::write(&records, &cfg.display_name(), &plot) {
+            tracing::warn!("could not draw the loss plot: {e}");
+        }
+        records.into_iter().rev().find_map(|r| match r {
+            Record::Eval(e) => Some(EvalMetrics {
+                loss: e.eval_loss,
+                perplexity: e.eval_perplexity,
+                accuracy: e.eval_accuracy,
+                tokens: e.eval_tokens,
+                sequences: data.validation.as_ref().map_or(0, |v| v.len()),
+            }),
+            _ => None,
+        })
+    } else {
+        last_eval
+    };
     let session_s = session_start.elapsed().as_secs_f64();
     tracing::debug!("trained in {:.1} s", started.elapsed().as_secs_f64());
     Ok(Summary {
@@ -491,7 +616,7 @@ pub fn train(
         last_train_loss,
         tokens_per_s: session_tokens as f64 / session_s.max(1e-9),
         elapsed_s: elapsed_before + session_s,
-        metrics: metrics.path().to_path_buf(),
+        metrics: metrics_path,
     })
 }
 
@@ -527,9 +652,24 @@ fn run_eval(
     cfg: &TrainConfig,
     state: &TrainerState,
     pad_id: u32,
+    comm: &mut dyn Communicator,
 ) -> Result<EvalRecord> {
     let t = Instant::now();
-    let m = evaluate(model, val, cfg.per_device_eval_batch_size, pad_id)?;
+    // Each rank evaluates a contiguous shard; the sums are added over ranks.
+    let (rank, world) = (comm.rank(), comm.world());
+    let per = val.len().div_ceil(world);
+    let shard = &val[(rank * per).min(val.len())..((rank + 1) * per).min(val.len())];
+    let mut sums = eval_sums(model, shard, cfg.per_device_eval_batch_size, pad_id)?;
+    if world > 1 {
+        let mut parts = [sums.nll, sums.tokens as f64, sums.correct as f64];
+        comm.all_reduce_scalars(&mut parts)?;
+        sums = EvalSums {
+            nll: parts[0],
+            tokens: parts[1] as usize,
+            correct: parts[2] as usize,
+        };
+    }
+    let m = sums.metrics(val.len());
     Ok(EvalRecord {
         step: state.global_step,
         epoch: state.epoch,
@@ -541,14 +681,62 @@ fn run_eval(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The optimizer moments of every trainable tensor, named as a checkpoint stores them, on
+/// rank 0 (`None` elsewhere). Under ZeRO the owners send theirs to rank 0.
+fn optimizer_state(
+    optimizer: &AdamW,
+    owned: &[usize],
+    names: &[String],
+    vars: &[candle_core::Var],
+    owners: &[usize],
+    zero: u8,
+    comm: &mut dyn Communicator,
+) -> Result<Option<std::collections::HashMap<String, Tensor>>> {
+    let owned_names: Vec<String> = owned.iter().map(|&i| names[i].clone()).collect();
+    let mine = optimizer.state_tensors(&owned_names)?;
+    if zero == 0 {
+        return Ok((comm.rank() == 0).then_some(mine));
+    }
+    let mut tensors = Vec::with_capacity(2 * vars.len());
+    let mut tensor_owners = Vec::with_capacity(2 * vars.len());
+    for (i, name) in names.iter().enumerate() {
+        for suffix in ["exp_avg", "exp_avg_sq"] {
+            let key = format!("{name}.{suffix}");
+            let t = match mine.get(&key) {
+                Some(t) => t.clone(),
+                None => vars[i]
+                    .as_tensor()
+                    .zeros_like()?
+                    .to_dtype(DType::F32)?
+                    .to_device(&candle_core::Device::Cpu)?,
+            };
+            tensors.push(t);
+            tensor_owners.push(owners[i]);
+        }
+    }
+    comm.gather_to_root(&mut tensors, &tensor_owners)?;
+    if comm.rank() != 0 {
+        return Ok(None);
+    }
+    let mut all = std::collections::HashMap::new();
+    let mut it = tensors.into_iter();
+    for name in names {
+        for suffix in ["exp_avg", "exp_avg_sq"] {
+            all.insert(
+                format!("{name}.{suffix}"),
+                it.next().expect("two per tensor"),
+            );
+        }
+    }
+    Ok(Some(all))
+}
+
 fn save_checkpoint(
     cfg: &TrainConfig,
     model: &Phi3,
     lora: &LoraConfig,
     options: &RunOptions,
-    optimizer: &AdamW,
-    names: &[String],
+    moments: Option<std::collections::HashMap<String, Tensor>>,
     state: &TrainerState,
     config_yaml: &str,
 ) -> Result<PathBuf> {
@@ -560,7 +748,7 @@ fn save_checkpoint(
         &cfg.output_dir,
         CheckpointContents {
             state,
-            optimizer: optimizer.state_tensors(names)?,
+            optimizer: moments.expect("rank 0 holds every moment"),
             config_yaml,
             write_adapter: &write_adapter,
         },

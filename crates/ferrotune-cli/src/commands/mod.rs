@@ -9,6 +9,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod invoke;
+pub mod launch;
 pub mod model_args;
 pub mod models;
 pub mod plan;

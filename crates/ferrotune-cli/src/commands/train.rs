@@ -9,6 +9,8 @@ use ferrotune_model::loaded::load_model;
 use ferrotune_model::weights::resolve_model;
 use ferrotune_model::Phi3Config;
 use ferrotune_train::checkpoint;
+use ferrotune_train::dist::tcp::{JobIdentity, TcpComm, TcpOptions};
+use ferrotune_train::dist::{Communicator, RankEnv, Solo};
 use ferrotune_train::setup::{attach_lora, load_split, max_seq_length};
 use ferrotune_train::trainer::{dtype_for, Observer};
 use ferrotune_train::{Finish, RunData, RunOptions, Summary, TrainConfig};
@@ -25,8 +27,15 @@ pub fn run(args: &TrainArgs, json_out: bool) -> Result<(), Failure> {
     if args.dry_run {
         return dry_run(&cfg, json_out);
     }
+    // The ranks (this process, or those a launcher starts) read the timeout from here.
+    std::env::set_var("FERROTUNE_DIST_TIMEOUT", args.dist_timeout.to_string());
+    if args.nproc_per_node.is_some() && std::env::var_os("WORLD_SIZE").is_none() {
+        return crate::commands::launch::launch(args);
+    }
     let summary = train(&cfg, args.resume.as_deref(), !json_out, &mut Vec::new())?;
-    report(&cfg, &summary, json_out);
+    if job_rank() == 0 {
+        report(&cfg, &summary, json_out);
+    }
     if summary.finish == Finish::Interrupted {
         return Err(Failure {
             code: Failure::INTERRUPTED,
@@ -82,10 +91,48 @@ pub fn train(
     show_progress: bool,
     extra: &mut Vec<Box<dyn Observer>>,
 ) -> Result<Summary, Failure> {
-    let device = model_args::device(match cfg.device.as_str() {
-        "auto" => None,
-        d => Some(d),
-    })?;
+    // One rank of a data-parallel job when a launcher set the world (torchrun, Azure ML,
+    // `--nproc-per-node`); rank 0 admits the others only if they run the same training.
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let job = RankEnv::from_env(&env)?;
+    let mut comm: Box<dyn Communicator> = match &job {
+        Some(j) if j.world > 1 => {
+            let identity = JobIdentity {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                config_hash: cfg.training_hash_for(j.world),
+            };
+            let timeout =
+                std::time::Duration::from_secs(seconds_from(&env, "FERROTUNE_DIST_TIMEOUT", 600));
+            let opts = TcpOptions {
+                timeout,
+                join_timeout: timeout.max(std::time::Duration::from_secs(60)),
+            };
+            let comm = TcpComm::join(j, &identity, &opts, None)?;
+            tracing::info!(
+                "rank {} of {} joined (rank 0 at {}:{})",
+                j.rank,
+                j.world,
+                j.master_addr,
+                j.master_port
+            );
+            Box::new(comm)
+        }
+        _ => Box::new(Solo),
+    };
+    let (rank, local_rank) = job.as_ref().map_or((0, 0), |j| (j.rank, j.local_rank));
+    let lead = rank == 0;
+    let show_progress = show_progress && lead;
+    let device = model_args::device(
+        match cfg.device.as_str() {
+            // Each rank on a node takes its own GPU.
+            "auto" | "cuda" if job.is_some() && candle_core::utils::cuda_is_available() => {
+                Some(format!("cuda:{local_rank}"))
+            }
+            "auto" => None,
+            d => Some(d.to_string()),
+        }
+        .as_deref(),
+    )?;
     let dtype = dtype_for(cfg.precision, &device);
     let model_dir = resolve_model(&cfg.model)?;
     let model_cfg = Phi3Config::from_dir(&model_dir)?;
@@ -108,30 +155,44 @@ pub fn train(
     let rows = RowBar::new(show_progress);
     let data_dir = cfg.output_dir.join("data");
     let vocab = model_cfg.vocab_size;
-    let train = load_split(
-        "train_file_path",
-        &cfg.train_file_path,
-        &cfg.train_split,
-        &tokenizer,
-        &data_dir.join("train"),
-        seq,
-        cfg.pack,
-        vocab,
-        &rows,
-    )?;
-    let validation = match &cfg.validation_file_path {
-        Some(path) => Some(load_split(
-            "validation_file_path",
-            path,
-            &cfg.validation_split,
+    // Data are prepared once per node (local rank 0); the other ranks wait, then read the cache.
+    let load = || -> Result<_, Failure> {
+        let train = load_split(
+            "train_file_path",
+            &cfg.train_file_path,
+            &cfg.train_split,
             &tokenizer,
-            &data_dir.join("validation"),
+            &data_dir.join("train"),
             seq,
             cfg.pack,
             vocab,
             &rows,
-        )?),
-        None => None,
+        )?;
+        let validation = match &cfg.validation_file_path {
+            Some(path) => Some(load_split(
+                "validation_file_path",
+                path,
+                &cfg.validation_split,
+                &tokenizer,
+                &data_dir.join("validation"),
+                seq,
+                cfg.pack,
+                vocab,
+                &rows,
+            )?),
+            None => None,
+        };
+        Ok((train, validation))
+    };
+    let data_wait =
+        std::time::Duration::from_secs(seconds_from(&env, "FERROTUNE_DIST_DATA_TIMEOUT", 7200));
+    let (train, validation) = if local_rank == 0 {
+        let loaded = load()?;
+        comm.barrier(data_wait)?;
+        loaded
+    } else {
+        comm.barrier(data_wait)?;
+        load()?
     };
     rows.finish();
 
@@ -182,18 +243,29 @@ pub fn train(
         base_model: cfg.model.clone(),
         initial_loss_scale: 65536.0,
     };
-    let mut mlflow =
-        tracking_uri(cfg).and_then(|uri| MlflowObserver::start(&uri, identity(cfg, &train_key)));
+    let mut mlflow = tracking_uri(cfg)
+        .filter(|_| lead)
+        .and_then(|uri| MlflowObserver::start(&uri, identity(cfg, &train_key)));
     let mut bar = TrainBar::new(show_progress);
     let result = {
         let mut watchers: Vec<&mut dyn Observer> = vec![&mut bar];
         if let Some(m) = mlflow.as_mut() {
             watchers.push(m);
         }
-        for o in extra.iter_mut() {
-            watchers.push(o.as_mut());
+        if lead {
+            for o in extra.iter_mut() {
+                watchers.push(o.as_mut());
+            }
         }
-        ferrotune_train::train(cfg, &mut model, &lora, &data, &options, &mut Fan(watchers))
+        ferrotune_train::trainer::train_with(
+            cfg,
+            &mut model,
+            &lora,
+            &data,
+            &options,
+            &mut Fan(watchers),
+            comm.as_mut(),
+        )
     };
     bar.finish();
     if let Some(used) = memory.finish() {
@@ -220,6 +292,20 @@ pub fn train(
         m.finish(status, run_artifacts(cfg, result.as_ref().ok()));
     }
     Ok(result?)
+}
+
+/// This process's rank in a job (0 when alone).
+pub fn job_rank() -> usize {
+    std::env::var("RANK")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
+}
+
+fn seconds_from(env: &std::collections::HashMap<String, String>, key: &str, default: u64) -> u64 {
+    env.get(key)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
 }
 
 /// Files a finished run uploads to MLflow: the adapter, the config, metrics and the plot.
