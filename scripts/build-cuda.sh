@@ -5,7 +5,7 @@
 # private venv; libcuda (which only a driver ships) is replaced at link time by a generated stub
 # whose symbols are empty functions: the real libcuda.so.1 comes from the driver where the binary runs.
 #
-#   scripts/build-cuda.sh [--cap 90|80|86|89] [--tests]
+#   scripts/build-cuda.sh [--cap 90|80|86|89] [--tests] [--nccl]
 #   scripts/build-cuda.sh --check      (CI: clippy -D warnings of every crate with the cuda feature;
 #                                       needs only nvcc and headers, links nothing, runs nothing)
 #
@@ -18,12 +18,14 @@ cd "$(dirname "$0")/.."
 cap=90
 tests=0
 check=0
+nccl=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --cap) cap="$2"; shift 2 ;;
     --tests) tests=1; shift ;;
     --check) check=1; shift ;;
-    *) echo "usage: scripts/build-cuda.sh [--cap 90|80|86|89] [--tests] | --check" >&2; exit 2 ;;
+    --nccl) nccl=1; shift ;;
+    *) echo "usage: scripts/build-cuda.sh [--cap 90|80|86|89] [--tests] [--nccl] | --check" >&2; exit 2 ;;
   esac
 done
 case "$cap" in
@@ -43,6 +45,9 @@ compiler=('nvidia-cuda-nvcc==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.
   'nvidia-cuda-runtime==13.0.*' 'nvidia-cuda-cccl==13.0.*')
 libraries=('nvidia-cuda-nvrtc==13.0.*' 'nvidia-cublas==13.0.*' 'nvidia-curand==10.4.0.*')
 if [ "$check" = 1 ]; then libraries=(); fi
+# Data parallelism over NCCL links libnccl (from NVIDIA's wheel); the ranks need libnccl.so.2 at
+# run time (Azure ML's PyTorch environments and most GPU images carry it).
+if [ "$nccl" = 1 ] && [ "$check" = 0 ]; then libraries+=('nvidia-nccl-cu13==2.28.*'); fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "${compiler[@]}" "${libraries[@]}"
 
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -70,7 +75,7 @@ export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$cuda/include"
 
 cuda_crates=(-p ferrotune-kernels -p ferrotune-model -p ferrotune-train -p ferrotune-cli)
 if [ "$check" = 1 ]; then
-  cargo clippy "${cuda_crates[@]}" --features cuda --all-targets --locked -- -D warnings
+  cargo clippy "${cuda_crates[@]}" --features cuda,ferrotune-train/nccl,ferrotune-cli/nccl --all-targets --locked -- -D warnings
   exit 0
 fi
 
@@ -82,18 +87,27 @@ pack() { # pack EXECUTABLE NAME
   strip -o "$out/$2" "$1"
   gzip -9 -f "$out/$2"
 }
-cargo build --release --features cuda -p ferrotune-cli
+features=cuda
+if [ "$nccl" = 1 ]; then
+  so="$(find "$site/nvidia" -name 'libnccl.so*' | head -1)"
+  [ -n "$so" ] || { echo "no libnccl.so in the nvidia-nccl-cu13 wheel" >&2; exit 1; }
+  ln -sf "$so" "$libs/libnccl.so"
+  features=cuda,nccl
+fi
+cargo build --release --features "$features" -p ferrotune-cli
 pack target/release/ferrotune ferrotune
 echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- . ':!dist' || echo -dirty)" >"$out/commit"
 echo "$PWD" >"$out/built-in"
 
 if [ "$tests" = 1 ]; then
   # The test targets that hold the GPU tests (ignored in normal runs, run by scripts/gpu-check.sh).
-  cargo test --release --features cuda -p ferrotune-kernels -p ferrotune-model -p ferrotune-train --no-run
-  cargo test --release --features cuda -p ferrotune-kernels -p ferrotune-model -p ferrotune-train --no-run --message-format=json 2>/dev/null \
+  test_features=cuda
+  if [ "$nccl" = 1 ]; then test_features=cuda,ferrotune-train/nccl; fi
+  cargo test --release --features "$test_features" -p ferrotune-kernels -p ferrotune-model -p ferrotune-train --no-run
+  cargo test --release --features "$test_features" -p ferrotune-kernels -p ferrotune-model -p ferrotune-train --no-run --message-format=json 2>/dev/null \
     | "$venv/bin/python" -c '
 import json, sys
-wanted = {"kernel_parity", "cuda_parity", "trainer_reference"}
+wanted = {"kernel_parity", "cuda_parity", "trainer_reference", "nccl_parity"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in wanted:

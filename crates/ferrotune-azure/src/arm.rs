@@ -86,17 +86,22 @@ impl Arm {
         )
     }
 
-    fn authorized(&self, call: Call) -> Result<Call> {
+    fn authorized(&self, call: Call, scope: &str) -> Result<Call> {
         let token = if self.is_dry_run() {
             "***".to_string()
         } else {
-            self.credential.token(ARM_SCOPE)?.secret
+            self.credential.token(scope)?.secret
         };
         Ok(call.header("Authorization", format!("Bearer {token}")))
     }
 
     pub fn send(&self, call: Call) -> Result<Reply> {
-        let call = self.authorized(call)?;
+        self.send_for(call, ARM_SCOPE)
+    }
+
+    /// A call to another Azure ML service (run history) with a token for its `scope`.
+    pub fn send_for(&self, call: Call, scope: &str) -> Result<Reply> {
+        let call = self.authorized(call, scope)?;
         let reply = self.transport.send(&call)?;
         if reply.ok() {
             Ok(reply)

@@ -16,6 +16,8 @@ use crate::error::{AzureError, Result};
 
 pub const ARM_SCOPE: &str = "https://management.azure.com/.default";
 pub const STORAGE_SCOPE: &str = "https://storage.azure.com/.default";
+/// Azure ML's data-plane services (run history, discovery).
+pub const ML_SCOPE: &str = "https://ml.azure.com/.default";
 
 #[derive(Clone)]
 pub struct AccessToken {

@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 
 use crate::arm::Arm;
 use crate::blob::BlobContainer;
+use crate::credential::ML_SCOPE;
 use crate::duration::iso8601;
 use crate::error::{AzureError, Result};
 use crate::upload::{self, UploadOptions};
@@ -214,7 +215,7 @@ impl LogTail {
         let details_url = match discovery {
             Some(url) if !arm.is_dry_run() => {
                 let services = arm
-                    .send(crate::http::Call::new(reqwest::Method::GET, url))?
+                    .send_for(crate::http::Call::new(reqwest::Method::GET, url), ML_SCOPE)?
                     .json()?;
                 services.get("history").and_then(Value::as_str).map(|h| {
                     format!(
@@ -239,7 +240,10 @@ impl LogTail {
             return Ok(Vec::new());
         };
         let details = arm
-            .send(crate::http::Call::new(reqwest::Method::GET, url.clone()))?
+            .send_for(
+                crate::http::Call::new(reqwest::Method::GET, url.clone()),
+                ML_SCOPE,
+            )?
             .json()?;
         let Some(files) = details.get("logFiles").and_then(Value::as_object) else {
             return Ok(Vec::new());

@@ -316,6 +316,10 @@ pub struct PlanArgs {
     /// An Azure VM size: Standard_NC24ads_A100_v4, Standard_NC6s_v3, Standard_ND96isr_H100_v5, ...
     #[arg(long)]
     pub sku: Option<String>,
+    /// Ranks of a data-parallel job (all GPUs of all nodes): the bytes each step all-reduces,
+    /// ZeRO-2's optimizer-state saving, and on-paper all-reduce times on common links.
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -107,6 +107,47 @@ pub struct MemoryPlan {
     pub frozen_parameters: u64,
 }
 
+/// What data parallelism over `ranks` costs and saves for a plan: the bytes every optimizer
+/// step reduces (the fp32 LoRA gradients), the optimizer state a rank keeps with and without
+/// ZeRO-1/2, and on paper how long a ring all-reduce of those bytes takes on common links.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DataParallel {
+    pub ranks: usize,
+    pub gradient_bytes_per_step: u64,
+    /// Bytes each rank sends (and receives) in a ring all-reduce: 2 (n − 1) / n of the gradients.
+    pub ring_bytes_per_rank: u64,
+    pub optimizer_state_per_rank: u64,
+    pub optimizer_state_per_rank_zero2: u64,
+    /// (link, assumed bus bandwidth in GB/s, milliseconds per all-reduce).
+    pub links: Vec<(String, f64, f64)>,
+}
+
+/// Nominal NCCL bus bandwidths used for the on-paper estimate (GB/s).
+const LINKS: [(&str, f64); 5] = [
+    ("NVLink 4 (H100 SXM)", 360.0),
+    ("NVLink 3 (A100 SXM)", 230.0),
+    ("NVLink 2 (V100, NC24rs_v3)", 130.0),
+    ("PCIe 4.0 x16", 20.0),
+    ("InfiniBand HDR 200 Gb/s (across nodes)", 23.0),
+];
+
+pub fn data_parallel(plan: &MemoryPlan, ranks: usize) -> DataParallel {
+    let n = ranks.max(1) as u64;
+    let grads = plan.trainable_parameters * 4;
+    let ring = if n == 1 { 0 } else { grads * 2 * (n - 1) / n };
+    DataParallel {
+        ranks: ranks.max(1),
+        gradient_bytes_per_step: grads,
+        ring_bytes_per_rank: ring,
+        optimizer_state_per_rank: plan.optimizer_state,
+        optimizer_state_per_rank_zero2: plan.optimizer_state.div_ceil(n),
+        links: LINKS
+            .iter()
+            .map(|(name, gbs)| (name.to_string(), *gbs, ring as f64 / (gbs * 1e9) * 1e3))
+            .collect(),
+    }
+}
+
 /// A GPU (or an Azure VM size's GPUs) to plan for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Target {
@@ -799,6 +840,30 @@ mod tests {
             + p.logits_and_loss
             + p.attention_workspace
             + p.overhead
+    }
+
+    #[test]
+    fn data_parallel_reduces_the_lora_gradients_and_zero_2_splits_the_moments() {
+        let plan = estimate(&input(1, 2048, 2, true));
+        let one = data_parallel(&plan, 1);
+        assert_eq!(one.ring_bytes_per_rank, 0);
+        let four = data_parallel(&plan, 4);
+        // r 16 on all four linears of 32 layers: 25.2 M fp32 gradients, 100.7 MB per step.
+        assert_eq!(four.gradient_bytes_per_step, plan.trainable_parameters * 4);
+        assert!(
+            (four.gradient_bytes_per_step as f64 / 1e6 - 100.7).abs() < 0.5,
+            "{four:?}"
+        );
+        assert_eq!(
+            four.ring_bytes_per_rank,
+            four.gradient_bytes_per_step * 6 / 4
+        );
+        assert_eq!(
+            four.optimizer_state_per_rank_zero2,
+            plan.optimizer_state / 4
+        );
+        let nvlink = four.links[0].2;
+        assert!(nvlink > 0.3 && nvlink < 0.5, "{nvlink} ms");
     }
 
     #[test]

@@ -184,12 +184,10 @@ pub struct Submitted {
 }
 
 pub fn submit(s: &Session, a: &AzureSubmitArgs, json_out: bool) -> Result<Submitted, Failure> {
-    if a.nodes * a.gpus_per_node > 1 {
-        return Err(Failure::usage(format!(
-            "--nodes {} --gpus-per-node {}: data-parallel training is not built yet ([dist], issue #6), so every \
-             process would train the whole model on its own; submit with --nodes 1 --gpus-per-node 1 for now",
-            a.nodes, a.gpus_per_node
-        )));
+    if a.nodes == 0 || a.gpus_per_node == 0 {
+        return Err(Failure::usage(
+            "--nodes and --gpus-per-node must be at least 1",
+        ));
     }
     // The whole config is checked here, before anything is uploaded or submitted.
     let cfg = ferrotune_train::TrainConfig::load(&a.config, &a.sets)?;

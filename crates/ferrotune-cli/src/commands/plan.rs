@@ -64,12 +64,19 @@ pub fn run(args: &PlanArgs, json_out: bool) -> Result<(), Failure> {
             )
         })
     });
+    let ranks = args.gpus.or_else(|| {
+        target
+            .as_ref()
+            .filter(|_| args.sku.is_some())
+            .map(|t| t.gpus_per_node)
+    });
+    let parallel = ranks.map(|n| plan::data_parallel(&estimate, n));
     if json_out {
         println!(
             "{}",
             json!({"plan": on_device.as_ref().unwrap_or(&estimate), "target": target, "verdict": verdict,
                    "micro_batch": input.micro_batch, "seq_len": input.seq_len, "recompute": input.recompute,
-                   "dtype_bytes": input.dtype_bytes, "note": bf16_note})
+                   "dtype_bytes": input.dtype_bytes, "note": bf16_note, "data_parallel": parallel})
         );
         return Ok(());
     }
@@ -113,6 +120,27 @@ pub fn run(args: &PlanArgs, json_out: bool) -> Result<(), Failure> {
     }
     if let Some(n) = bf16_note {
         println!("  note: {n}");
+    }
+    if let Some(p) = &parallel {
+        let mb = |b: u64| b as f64 / 1e6;
+        println!(
+            "data parallel over {} rank(s): each step all-reduces {:.1} MB of fp32 LoRA gradients ({:.1} MB sent per rank in a ring); \
+             global batch = per_device_train_batch_size × gradient_accumulation_steps × {}",
+            p.ranks,
+            mb(p.gradient_bytes_per_step),
+            mb(p.ring_bytes_per_rank),
+            p.ranks
+        );
+        println!(
+            "  optimizer state per rank: {:.1} MB; with apply_deepspeed + deepspeed_stage 1 or 2: {:.1} MB",
+            mb(p.optimizer_state_per_rank),
+            mb(p.optimizer_state_per_rank_zero2)
+        );
+        if p.ranks > 1 {
+            for (link, gbs, ms) in &p.links {
+                println!("  on paper, {link} at {gbs:.0} GB/s: {ms:.2} ms per step");
+            }
+        }
     }
     Ok(())
 }

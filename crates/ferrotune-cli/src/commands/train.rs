@@ -95,30 +95,6 @@ pub fn train(
     // `--nproc-per-node`); rank 0 admits the others only if they run the same training.
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let job = RankEnv::from_env(&env)?;
-    let mut comm: Box<dyn Communicator> = match &job {
-        Some(j) if j.world > 1 => {
-            let identity = JobIdentity {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                config_hash: cfg.training_hash_for(j.world),
-            };
-            let timeout =
-                std::time::Duration::from_secs(seconds_from(&env, "FERROTUNE_DIST_TIMEOUT", 600));
-            let opts = TcpOptions {
-                timeout,
-                join_timeout: timeout.max(std::time::Duration::from_secs(60)),
-            };
-            let comm = TcpComm::join(j, &identity, &opts, None)?;
-            tracing::info!(
-                "rank {} of {} joined (rank 0 at {}:{})",
-                j.rank,
-                j.world,
-                j.master_addr,
-                j.master_port
-            );
-            Box::new(comm)
-        }
-        _ => Box::new(Solo),
-    };
     let (rank, local_rank) = job.as_ref().map_or((0, 0), |j| (j.rank, j.local_rank));
     let lead = rank == 0;
     let show_progress = show_progress && lead;
@@ -133,6 +109,10 @@ pub fn train(
         }
         .as_deref(),
     )?;
+    let mut comm: Box<dyn Communicator> = match &job {
+        Some(j) if j.world > 1 => join_job(j, cfg, &env, &device)?,
+        _ => Box::new(Solo),
+    };
     let dtype = dtype_for(cfg.precision, &device);
     let model_dir = resolve_model(&cfg.model)?;
     let model_cfg = Phi3Config::from_dir(&model_dir)?;
@@ -292,6 +272,51 @@ pub fn train(
         m.finish(status, run_artifacts(cfg, result.as_ref().ok()));
     }
     Ok(result?)
+}
+
+/// Joins the job: NCCL for GPU ranks when built with it, else the TCP backend (through host
+/// memory). The backend is part of what every rank must agree on.
+fn join_job(
+    j: &RankEnv,
+    cfg: &TrainConfig,
+    env: &std::collections::HashMap<String, String>,
+    device: &candle_core::Device,
+) -> Result<Box<dyn Communicator>, Failure> {
+    let nccl = cfg!(feature = "nccl") && device.is_cuda();
+    let identity = JobIdentity {
+        version: format!(
+            "{} ({})",
+            env!("CARGO_PKG_VERSION"),
+            if nccl { "nccl" } else { "tcp" }
+        ),
+        config_hash: cfg.training_hash_for(j.world),
+    };
+    let timeout = std::time::Duration::from_secs(seconds_from(env, "FERROTUNE_DIST_TIMEOUT", 600));
+    let opts = TcpOptions {
+        timeout,
+        join_timeout: timeout.max(std::time::Duration::from_secs(60)),
+    };
+    #[cfg(feature = "nccl")]
+    if nccl {
+        let id = if j.rank == 0 {
+            Some(ferrotune_train::dist::nccl::new_id()?)
+        } else {
+            None
+        };
+        let tcp = TcpComm::join(j, &identity, &opts, id)?;
+        let comm = ferrotune_train::dist::nccl::NcclComm::join(tcp, device)?;
+        tracing::info!("rank {} of {} joined over NCCL", j.rank, j.world);
+        return Ok(Box::new(comm));
+    }
+    let comm = TcpComm::join(j, &identity, &opts, None)?;
+    tracing::info!(
+        "rank {} of {} joined (rank 0 at {}:{}, TCP backend)",
+        j.rank,
+        j.world,
+        j.master_addr,
+        j.master_port
+    );
+    Ok(Box::new(comm))
 }
 
 /// This process's rank in a job (0 when alone).

@@ -3,6 +3,8 @@
 //! CPU one over TCP (`tcp`, also what CI tests all distributed logic with) and NCCL on CUDA.
 
 pub mod env;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
 
 use std::time::Duration;
