@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Storage, Tensor};
