@@ -88,21 +88,8 @@ fn one_rank_nccl_reduces_and_trains_like_one_process() {
     };
     let (p, q) = (load(&with_nccl), load(&alone));
     for (k, t) in &p {
-        let d = (t - &q[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let m = q[k]
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs(&(t - &q[k]).unwrap());
+        let m = max_abs(&q[k]);
         assert!(d <= 1e-6 * m.max(1e-6), "{k}: {d} (max {m})");
     }
 }

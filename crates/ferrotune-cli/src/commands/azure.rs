@@ -402,14 +402,7 @@ fn plan_for(config: &Path, sets: &[String], size: &str) -> Result<String, Failur
 /// `--path`, `--model` (local registry) or `--job`: upload if needed, then create the version.
 pub fn register(s: &Session, r: &AzureRegisterArgs) -> Result<RegisteredModel, Failure> {
     let version = r.version.clone().unwrap_or_else(unix_time);
-    let mut tags = Vec::new();
-    for t in &r.tags {
-        let (k, v) = t
-            .split_once('=')
-            .filter(|(k, _)| !k.is_empty())
-            .ok_or_else(|| Failure::usage(format!("--tag {t}: expected KEY=VALUE")))?;
-        tags.push((k.to_string(), v.to_string()));
-    }
+    let tags = crate::commands::models::parse_tags(&r.tags)?;
     let folder: Option<PathBuf> = match (&r.path, &r.model) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(spec)) => {

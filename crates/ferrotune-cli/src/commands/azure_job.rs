@@ -130,7 +130,7 @@ fn job_input(
     })
 }
 
-/// `<model>-ultrachat-200k` from an azureml:// model URI or a folder name.
+/// `<model>-ultrachat-200k` from an azureml:// model URI (its name after `models/`) or a folder.
 fn registered_name(model: &str) -> String {
     let parts: Vec<&str> = model.trim_end_matches('/').split('/').collect();
     let short = parts
@@ -139,17 +139,8 @@ fn registered_name(model: &str) -> String {
         .and_then(|i| parts.get(i + 1))
         .copied()
         .unwrap_or_else(|| parts.last().copied().unwrap_or("model"));
-    let short: String = short
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    format!("{short}-ultrachat-200k")
+    ferrotune_registry::default_name(Some(&json!({ "base_model": short })))
+        .unwrap_or_else(|| "model-ultrachat-200k".into())
 }
 
 fn shell_quote(s: &str) -> String {

@@ -160,21 +160,26 @@ pub fn run(args: &ModelsArgs, json_out: bool) -> Result<(), Failure> {
 
 /// Flags → a registration.
 pub fn register(reg: &mut Registry, r: &ModelsRegisterArgs) -> Result<ModelVersion, Failure> {
-    let mut tags = Vec::new();
-    for t in &r.tags {
-        let (k, v) = t
-            .split_once('=')
-            .filter(|(k, _)| !k.is_empty())
-            .ok_or_else(|| Failure::usage(format!("--tag {t}: expected KEY=VALUE")))?;
-        tags.push((k.to_string(), v.to_string()));
-    }
     Ok(reg.register(&RegisterRequest {
         path: r.path.clone(),
         name: r.name.clone(),
         version: r.version,
         description: r.description.clone(),
-        tags,
+        tags: parse_tags(&r.tags)?,
     })?)
+}
+
+/// `--tag KEY=VALUE` flags as pairs.
+pub fn parse_tags(flags: &[String]) -> Result<Vec<(String, String)>, Failure> {
+    flags
+        .iter()
+        .map(|t| {
+            t.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| Failure::usage(format!("--tag {t}: expected KEY=VALUE")))
+        })
+        .collect()
 }
 
 fn print_version_line(v: &ModelVersion) {

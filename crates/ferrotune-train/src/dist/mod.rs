@@ -69,11 +69,7 @@ impl Communicator for Solo {
         like: &[Tensor],
         _: Option<&[usize]>,
     ) -> Result<Vec<Tensor>> {
-        let mut acc = acc;
-        for p in parts {
-            acc = Some(fold(acc, p)?);
-        }
-        match acc {
+        match fold_all(acc, parts)? {
             Some(a) => Ok(a),
             None => like.iter().map(|t| Ok(t.zeros_like()?)).collect(),
         }
@@ -100,6 +96,13 @@ pub fn fold(acc: Option<Vec<Tensor>>, part: Vec<Tensor>) -> Result<Vec<Tensor>> 
             .map(|(x, y)| x + y)
             .collect::<candle_core::Result<Vec<_>>>()?),
     }
+}
+
+/// `acc` with every part folded in, in order.
+pub fn fold_all(acc: Option<Vec<Tensor>>, parts: Vec<Vec<Tensor>>) -> Result<Option<Vec<Tensor>>> {
+    parts
+        .into_iter()
+        .try_fold(acc, |acc, p| Ok(Some(fold(acc, p)?)))
 }
 
 /// Which rank owns each tensor under ZeRO-1/2: greedy by size, largest first, so shards are

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Storage, Tensor};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use super::tcp::TcpComm;
-use super::{fold, Communicator};
+use super::{fold_all, Communicator};
 use crate::error::{Result, TrainError};
 
 /// A fresh NCCL id for rank 0 to hand out at rendezvous.
@@ -153,11 +153,7 @@ impl Communicator for NcclComm {
     ) -> Result<Vec<Tensor>> {
         // Each rank folds its own parts, then one all-reduce (every rank gets every tensor,
         // which covers ZeRO-2's "owners only").
-        let mut local = acc;
-        for p in parts {
-            local = Some(fold(local, p)?);
-        }
-        let local = match local {
+        let local = match fold_all(acc, parts)? {
             Some(l) => l,
             None => like
                 .iter()

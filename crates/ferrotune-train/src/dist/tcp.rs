@@ -477,11 +477,7 @@ impl Communicator for TcpComm {
             read_f32(&incoming, &mut flat);
             let mut acc = like.to_vec();
             unflatten(&flat, &mut acc)?;
-            let mut acc = Some(acc);
-            for p in parts {
-                acc = Some(super::fold(acc, p)?);
-            }
-            let acc = acc.expect("started from rank 0's sum");
+            let acc = super::fold_all(Some(acc), parts)?.expect("started from rank 0's sum");
             self.send(0, &f32_bytes(&flatten(&acc)?), op)?;
             let fin = self.recv(0, op)?;
             let mut flat = flatten(&result)?;
