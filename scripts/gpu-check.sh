@@ -143,8 +143,9 @@ run bench_train_phi3_mini_kernels_off 300 env FERROTUNE_KERNELS=0 "$ft" --json b
   --device cuda --dtype bf16 --recompute "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 \
   --no-reference
 
-# 5. Decode throughput: `ferrotune bench decode` is not built yet ([serve]); recorded as such.
-record bench_decode 127 0 '{"skipped": "ferrotune bench decode does not exist yet"}'
+# 5. Decode throughput on the same shape, single stream and batched, against transformers' generate.
+run bench_decode_phi3_mini 300 "$ft" --json bench decode --device cuda --dtype bf16 "${mini[@]}" \
+  --prompt 512 --new-tokens 128 --batches 1,8,32 --python python3
 
 python3 - "$steps" "$OUT/gpu-report.json" <<'PY'
 import json, subprocess, sys

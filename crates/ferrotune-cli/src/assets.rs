@@ -69,6 +69,8 @@ pub const BENCH_TRAINER_REFERENCE: &str =
 
 /// The PyTorch reference for `bench train`.
 pub const BENCH_TRAIN_REFERENCE: &str = include_str!("../../../scripts/bench_train_reference.py");
+/// `ferrotune bench decode --python`'s reference (transformers' `generate`).
+pub const BENCH_DECODE_REFERENCE: &str = include_str!("../../../scripts/bench_decode_reference.py");
 
 /// Write `files` into `dir` (created), replacing files whose content differs.
 pub fn materialise(dir: &Path, files: &[(&str, &[u8])]) -> std::io::Result<()> {

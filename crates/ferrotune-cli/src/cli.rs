@@ -57,13 +57,6 @@ pub enum Command {
     Bench(BenchCommand),
 }
 
-/// Arguments of a command that later issues build; accepted so `--help` lists it.
-#[derive(Args, Debug)]
-pub struct Unbuilt {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
-}
-
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Training config (YAML) with the source document's parameter names; see the README.
@@ -411,8 +404,9 @@ pub enum BenchCommand {
     Data(BenchDataArgs),
     /// LoRA forward+backward tokens/s and peak memory against transformers + PEFT (PyTorch eager).
     Train(BenchTrainArgs),
-    /// Decoding throughput (a later issue).
-    Decode(Unbuilt),
+    /// Decoding tokens/s (prefill, then single-stream and batched greedy decoding with the KV
+    /// cache) against transformers' `generate` on the same shape.
+    Decode(BenchDecodeArgs),
     /// Chat load on `ferrotune serve` (1, 8, 32 streams) against transformers served the simple way.
     Serve(BenchServeArgs),
 }
@@ -518,9 +512,8 @@ pub struct BenchTrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// A named shape instead of --layers/--hidden/...: phi3-mini (Phi-3-mini-4k-instruct).
-    #[arg(long, value_parser = ["phi3-mini"])]
-    pub shape: Option<String>,
+    #[command(flatten)]
+    pub model: RandomShape,
     /// f32, bf16 or f16 for the frozen weights and activations (default: f32 on CPU, bf16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -536,18 +529,6 @@ pub struct BenchTrainArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 512)]
     pub seq: usize,
-    #[arg(long, default_value_t = 32064)]
-    pub vocab: usize,
-    #[arg(long, default_value_t = 256)]
-    pub hidden: usize,
-    #[arg(long, default_value_t = 768)]
-    pub intermediate: usize,
-    #[arg(long, default_value_t = 4)]
-    pub layers: usize,
-    #[arg(long, default_value_t = 8)]
-    pub heads: usize,
-    #[arg(long, default_value_t = 8)]
-    pub kv_heads: usize,
     /// LoRA rank (alpha = 2r) on all four decoder linears.
     #[arg(long, default_value_t = 16)]
     pub r: usize,
@@ -567,6 +548,75 @@ pub struct BenchTrainArgs {
     /// Override one key of --config (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
     pub sets: Vec<String>,
+}
+
+/// A Phi-3 of random weights for the benchmarks: a named shape or explicit sizes.
+#[derive(Args, Debug, Clone)]
+pub struct RandomShape {
+    /// A named shape instead of --layers/--hidden/...: phi3-mini (Phi-3-mini-4k-instruct).
+    #[arg(long, value_parser = ["phi3-mini"])]
+    pub shape: Option<String>,
+    #[arg(long, default_value_t = 32064)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 768)]
+    pub intermediate: usize,
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: usize,
+}
+
+impl RandomShape {
+    /// The sizes, with a named shape applied.
+    pub fn resolved(&self) -> RandomShape {
+        match self.shape.as_deref() {
+            Some("phi3-mini") => RandomShape {
+                shape: None,
+                vocab: 32064,
+                hidden: 3072,
+                intermediate: 8192,
+                layers: 32,
+                heads: 32,
+                kv_heads: 32,
+            },
+            _ => self.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDecodeArgs {
+    /// A model folder (HF or MLflow export) to decode with; without it, random weights of the
+    /// shape below.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: RandomShape,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt: usize,
+    /// New tokens per sequence (greedy, no stop token: every row decodes all of them).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Batch sizes to measure: 1 is single-stream decoding.
+    #[arg(long, default_value = "1,8", value_delimiter = ',')]
+    pub batches: Vec<usize>,
+    /// Python with torch and transformers, for the reference (`generate`, same shape and lengths).
+    #[arg(long, env = "FERROTUNE_PYTHON", default_value = "python3")]
+    pub python: String,
+    /// Skip the PyTorch reference.
+    #[arg(long)]
+    pub no_reference: bool,
 }
 
 #[cfg(test)]

@@ -28,14 +28,6 @@ impl Failure {
             message: message.into(),
         }
     }
-
-    /// A command that a later piece of work builds.
-    pub fn not_yet(command: &str, tag: &str) -> Failure {
-        Failure::usage(format!(
-            "`ferrotune {command}` is not yet available in this build (tracked under {tag}); \
-             `ferrotune data prepare|inspect|stats`, `train`, `plan`, `generate`, `eval`, `export`, `models`, `serve`, `invoke`, `azure`, `run` and `bench data|train|serve` work today"
-        ))
-    }
 }
 
 impl Failure {

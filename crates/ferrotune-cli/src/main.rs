@@ -37,7 +37,7 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Data(args)) => commands::bench_data::run(args, json),
         Command::Bench(BenchCommand::Train(args)) => commands::bench_train::run(args, json),
         Command::Bench(BenchCommand::Serve(args)) => commands::bench_serve::run(args, json),
-        Command::Bench(BenchCommand::Decode(_)) => Err(Failure::not_yet("bench decode", "[serve]")),
+        Command::Bench(BenchCommand::Decode(args)) => commands::bench_decode::run(args, json),
         Command::Train(args) => commands::train::run(args, json),
         Command::Eval(args) => commands::eval::run(args, json),
         Command::Generate(args) => commands::generate::run(args, json),

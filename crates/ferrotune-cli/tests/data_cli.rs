@@ -441,12 +441,12 @@ fn missing_inputs_are_usage_errors_not_panics() {
 }
 
 #[test]
-fn unbuilt_commands_say_so_with_exit_2() {
+fn commands_without_what_they_need_exit_2() {
     ferrotune()
-        .args(["bench", "decode"])
+        .args(["bench", "decode", "--new-tokens", "1"])
         .assert()
         .code(2)
-        .stderr(contains("not yet available"));
+        .stderr(contains("--new-tokens ≥ 2"));
     ferrotune()
         .args(["serve"])
         .assert()

@@ -158,3 +158,69 @@ fn model_errors_are_usage_errors_naming_what_is_wrong() {
         .code(2)
         .stderr(contains("--device tpu"));
 }
+
+/// `bench decode` measures prefill and decoding for each batch size, on a model folder or on
+/// random weights (the PyTorch side is left to the benchmark runs: --no-reference here).
+#[test]
+fn bench_decode_reports_each_batch_size() {
+    let v = json_stdout(
+        ferrotune()
+            .args([
+                "--json",
+                "bench",
+                "decode",
+                "--no-reference",
+                "--prompt",
+                "8",
+                "--new-tokens",
+                "4",
+                "--batches",
+                "1,3",
+            ])
+            .arg("--model-dir")
+            .arg(tiny()),
+    );
+    let rows = v["ferrotune"].as_array().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["batch"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 3]
+    );
+    for r in rows {
+        assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(
+            r["total_s"].as_f64().unwrap() > r["prefill_s"].as_f64().unwrap(),
+            "{r}"
+        );
+    }
+    let random = json_stdout(ferrotune().args([
+        "--json",
+        "bench",
+        "decode",
+        "--no-reference",
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "128",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--vocab",
+        "512",
+        "--prompt",
+        "5",
+        "--new-tokens",
+        "3",
+        "--batches",
+        "2",
+    ]));
+    assert!(random["model"]
+        .as_str()
+        .unwrap()
+        .starts_with("random Phi-3: 1 layers"));
+    assert!(random["reference"].is_null());
+}

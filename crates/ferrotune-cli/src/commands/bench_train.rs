@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::assets;
-use crate::cli::BenchTrainArgs;
+use crate::cli::{BenchTrainArgs, RandomShape};
 use crate::commands::model_args;
 use crate::failure::Failure;
 
@@ -32,44 +32,15 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
     if let Some(config) = &args.config {
         return crate::commands::bench_trainer::run(config, args, json_out);
     }
-    let shaped;
-    let args = match args.shape.as_deref() {
-        Some("phi3-mini") => {
-            shaped = BenchTrainArgs {
-                layers: 32,
-                hidden: 3072,
-                intermediate: 8192,
-                heads: 32,
-                kv_heads: 32,
-                vocab: 32064,
-                ..args.clone()
-            };
-            &shaped
-        }
-        _ => args,
-    };
-    if args.steps == 0 || args.seq < 2 || !args.heads.is_multiple_of(args.kv_heads.max(1)) {
+    let shape = args.model.resolved();
+    if args.steps == 0 || args.seq < 2 || !shape.heads.is_multiple_of(shape.kv_heads.max(1)) {
         return Err(Failure::usage(
             "--steps ≥ 1, --seq ≥ 2 and --kv-heads dividing --heads are needed",
         ));
     }
     let device = model_args::device(Some(&args.device))?;
-    let dtype = match &args.dtype {
-        Some(name) => ferrotune_model::loaded::parse_dtype(name)
-            .ok_or_else(|| Failure::usage(format!("--dtype {name}: expected f32, bf16 or f16")))?,
-        None if device.is_cuda() => DType::BF16,
-        None => DType::F32,
-    };
-    let cfg_json = json!({"model_type": "phi3", "vocab_size": args.vocab, "hidden_size": args.hidden,
-        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
-        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads,
-        "max_position_embeddings": args.seq.max(4096)});
-    let cfg = Phi3Config::from_json_str(&cfg_json.to_string()).map_err(Failure::usage)?;
-    let weights = RandomWeights {
-        dtype,
-        device: device.clone(),
-    };
-    let mut model = Phi3::load(&cfg, &weights, dtype, &device)?;
+    let dtype = bench_dtype(args.dtype.as_deref(), &device)?;
+    let (mut model, cfg_json) = random_model(&shape, args.seq, dtype, &device)?;
     let lora = LoraConfig {
         r: args.r,
         lora_alpha: 2.0 * args.r as f64,
@@ -83,7 +54,7 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
     }
     let (b, t) = (args.batch, args.seq);
     let ids: Vec<u32> = (0..b * t)
-        .map(|i| ((i * 7919 + 13) % args.vocab) as u32)
+        .map(|i| ((i * 7919 + 13) % shape.vocab) as u32)
         .collect();
     let labels: Vec<Vec<i64>> = ids
         .chunks(t)
@@ -152,7 +123,7 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
     }
     println!(
         "shape      Phi-3 {} layers, hidden {}, intermediate {}, heads {}/{}, vocab {}; batch {b} x {t} tokens, LoRA r={} on all linears{}",
-        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab, args.r,
+        shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.vocab, args.r,
         if args.recompute { ", recompute" } else { "" }
     );
     let device_mem = |peak: Option<u64>| {
@@ -190,16 +161,18 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
 /// Training FLOPs per token as MFU counts them for LoRA: 4·N for the frozen linears (forward, and
 /// the input gradient backward; no weight gradient), plus attention's score and value products
 /// (12·layers·seq·hidden: forward 4, backward 8), recompute not counted.
-fn training_flops_per_token(a: &BenchTrainArgs) -> f64 {
+fn training_flops_per_token(args: &BenchTrainArgs) -> f64 {
+    let a = args.model.resolved();
     let (h, i, l) = (a.hidden as f64, a.intermediate as f64, a.layers as f64);
     let head_dim = h / a.heads as f64;
     let qkv = h * (h + 2.0 * a.kv_heads as f64 * head_dim);
     let per_layer = qkv + h * h + 2.0 * h * i + i * h;
     let linear = l * per_layer + a.vocab as f64 * h;
-    4.0 * linear + 12.0 * l * a.seq as f64 * h
+    4.0 * linear + 12.0 * l * args.seq as f64 * h
 }
 
 fn run_reference(a: &BenchTrainArgs, dtype: DType) -> Result<Reference, Failure> {
+    let shape = a.model.resolved();
     let script =
         std::env::temp_dir().join(format!("ferrotune-bench-train-{}.py", std::process::id()));
     std::fs::write(&script, assets::BENCH_TRAIN_REFERENCE)
@@ -210,21 +183,21 @@ fn run_reference(a: &BenchTrainArgs, dtype: DType) -> Result<Reference, Failure>
         .arg(&script)
         .args([
             "--vocab",
-            &a.vocab.to_string(),
+            &shape.vocab.to_string(),
             "--hidden",
-            &a.hidden.to_string(),
+            &shape.hidden.to_string(),
         ])
         .args([
             "--intermediate",
-            &a.intermediate.to_string(),
+            &shape.intermediate.to_string(),
             "--layers",
-            &a.layers.to_string(),
+            &shape.layers.to_string(),
         ])
         .args([
             "--heads",
-            &a.heads.to_string(),
+            &shape.heads.to_string(),
             "--kv-heads",
-            &a.kv_heads.to_string(),
+            &shape.kv_heads.to_string(),
         ])
         .args([
             "--seq",
@@ -265,6 +238,35 @@ fn run_reference(a: &BenchTrainArgs, dtype: DType) -> Result<Reference, Failure>
     let stdout = String::from_utf8_lossy(&output.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .map_err(|e| Failure::runtime(format!("unreadable reference output ({e}): {stdout}")))
+}
+
+/// `--dtype`, else bf16 on CUDA and f32 on the CPU.
+pub fn bench_dtype(name: Option<&str>, device: &candle_core::Device) -> Result<DType, Failure> {
+    match name {
+        Some(name) => ferrotune_model::loaded::parse_dtype(name)
+            .ok_or_else(|| Failure::usage(format!("--dtype {name}: expected f32, bf16 or f16"))),
+        None if device.is_cuda() => Ok(DType::BF16),
+        None => Ok(DType::F32),
+    }
+}
+
+/// A Phi-3 of `shape` with random weights on `device`, and its config as JSON.
+pub fn random_model(
+    shape: &RandomShape,
+    seq: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<(Phi3, serde_json::Value), Failure> {
+    let cfg_json = json!({"model_type": "phi3", "vocab_size": shape.vocab, "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+        "max_position_embeddings": seq.max(4096)});
+    let cfg = Phi3Config::from_json_str(&cfg_json.to_string()).map_err(Failure::usage)?;
+    let weights = RandomWeights {
+        dtype,
+        device: device.clone(),
+    };
+    Ok((Phi3::load(&cfg, &weights, dtype, device)?, cfg_json))
 }
 
 /// Peak resident set of this process (VmHWM), bytes.

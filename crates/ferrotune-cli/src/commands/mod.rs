@@ -1,6 +1,7 @@
 pub mod azure;
 pub mod azure_job;
 pub mod bench_data;
+pub mod bench_decode;
 pub mod bench_serve;
 pub mod bench_train;
 pub mod bench_trainer;
