@@ -2,13 +2,21 @@
 //! Stable across versions and platforms, so a seed means the same numbers forever (a resumed
 //! run and a fresh one draw identically).
 
+/// SplitMix64's increment (the golden ratio in 64 bits).
+pub const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 #[derive(Debug, Clone)]
 pub struct SplitMix(pub u64);
 
 impl SplitMix {
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GAMMA);
         mix(self.0)
+    }
+
+    /// Uniform in [0, 1) with 53 bits of resolution.
+    pub fn unit_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Uniform in [0, 1) with 24 bits of resolution.
@@ -31,7 +39,7 @@ pub fn mix(mut z: u64) -> u64 {
 
 /// A key for stream `b` derived from key `a` (order matters).
 pub fn derive(a: u64, b: u64) -> u64 {
-    mix(a ^ mix(b.wrapping_add(0x9E37_79B9_7F4A_7C15)))
+    mix(a ^ mix(b.wrapping_add(GAMMA)))
 }
 
 #[cfg(test)]

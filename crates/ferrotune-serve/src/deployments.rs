@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use ferrotune_data::{ChatTemplate, Tokenizer};
+use ferrotune_model::rng::{SplitMix, GAMMA};
 
 use crate::engine::EngineHandle;
 
@@ -58,7 +59,7 @@ impl Endpoint {
         let ep = Endpoint {
             deployments,
             traffic: RwLock::new(Vec::new()),
-            draws: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+            draws: AtomicU64::new(GAMMA),
         };
         ep.set_traffic(traffic)?;
         Ok(ep)
@@ -108,13 +109,8 @@ impl Endpoint {
         }
         let traffic = self.traffic();
         // splitmix64 draws: cheap, lock-free, and uniform enough for a traffic split.
-        let mut z = self
-            .draws
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let mut draw = ((z ^ (z >> 31)) % 100) as u32;
+        let state = self.draws.fetch_add(GAMMA, Ordering::Relaxed);
+        let mut draw = (SplitMix(state).next_u64() % 100) as u32;
         for (name, pct) in &traffic {
             if draw < *pct {
                 return Ok(self.get(name).expect("validated"));

@@ -94,10 +94,7 @@ fn write_sample(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
     });
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    let index = (z ^ (z >> 31)) % rows;
+    let index = ferrotune_model::rng::SplitMix(seed).next_u64() % rows;
     let row = source
         .rows(index + 1)
         .last()
