@@ -1,7 +1,6 @@
 //! `ferrotune bench decode`: prefill time and greedy decoding tokens/s with the KV cache, single
 //! stream and batched, against transformers' `generate` on the same shape and lengths, in one run.
 
-use std::process::Command;
 use std::time::Instant;
 
 use candle_core::DType;
@@ -13,7 +12,7 @@ use serde_json::json;
 use crate::assets;
 use crate::cli::BenchDecodeArgs;
 use crate::commands::bench_train::{bench_dtype, random_model};
-use crate::commands::model_args;
+use crate::commands::{model_args, python_ref};
 use crate::failure::Failure;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,69 +159,56 @@ fn measure(
 }
 
 fn run_reference(a: &BenchDecodeArgs, dtype: DType) -> Result<Reference, Failure> {
-    let script =
-        std::env::temp_dir().join(format!("ferrotune-bench-decode-{}.py", std::process::id()));
-    std::fs::write(&script, assets::BENCH_DECODE_REFERENCE)
-        .map_err(|e| Failure::runtime(format!("bench decode: {e}")))?;
     let shape = a.model.resolved();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let batches: Vec<String> = a.batches.iter().map(usize::to_string).collect();
-    let mut cmd = Command::new(&a.python);
-    cmd.arg(&script);
-    match &a.model_dir {
-        Some(dir) => {
-            cmd.arg("--model-dir")
-                .arg(ferrotune_model::weights::resolve_model(
-                    dir.to_str().unwrap_or_default(),
-                )?);
-        }
-        None => {
-            for (flag, v) in [
-                ("--vocab", shape.vocab),
-                ("--hidden", shape.hidden),
-                ("--intermediate", shape.intermediate),
-                ("--layers", shape.layers),
-                ("--heads", shape.heads),
-                ("--kv-heads", shape.kv_heads),
-            ] {
-                cmd.args([flag, &v.to_string()]);
+    let model_dir = match &a.model_dir {
+        Some(dir) => Some(ferrotune_model::weights::resolve_model(
+            dir.to_str().unwrap_or_default(),
+        )?),
+        None => None,
+    };
+    python_ref::run(
+        &a.python,
+        assets::BENCH_DECODE_REFERENCE,
+        "transformers generate",
+        "torch, transformers",
+        |cmd| {
+            match &model_dir {
+                Some(dir) => {
+                    cmd.arg("--model-dir").arg(dir);
+                }
+                None => {
+                    for (flag, v) in [
+                        ("--vocab", shape.vocab),
+                        ("--hidden", shape.hidden),
+                        ("--intermediate", shape.intermediate),
+                        ("--layers", shape.layers),
+                        ("--heads", shape.heads),
+                        ("--kv-heads", shape.kv_heads),
+                    ] {
+                        cmd.args([flag, &v.to_string()]);
+                    }
+                }
             }
-        }
-    }
-    cmd.args([
-        "--prompt",
-        &a.prompt.to_string(),
-        "--new-tokens",
-        &a.new_tokens.to_string(),
-    ])
-    .args([
-        "--batches",
-        &batches.join(","),
-        "--threads",
-        &threads.to_string(),
-    ])
-    .args([
-        "--device",
-        &a.device,
-        "--dtype",
-        &format!("{dtype:?}").to_lowercase(),
-    ]);
-    tracing::info!("running the PyTorch reference ({})", a.python);
-    let output = cmd.output();
-    let _ = std::fs::remove_file(&script);
-    let output = output.map_err(|e| {
-        Failure::usage(format!(
-            "cannot start {} ({e}); pass --python or --no-reference",
-            a.python
-        ))
-    })?;
-    if !output.status.success() {
-        return Err(Failure::usage(format!(
-            "the PyTorch reference failed (needs torch and transformers; or use --no-reference):\n{}",
-            String::from_utf8_lossy(&output.stderr).lines().rev().take(5).collect::<Vec<_>>().join("\n")
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .map_err(|e| Failure::runtime(format!("unreadable reference output ({e}): {stdout}")))
+            cmd.args([
+                "--prompt",
+                &a.prompt.to_string(),
+                "--new-tokens",
+                &a.new_tokens.to_string(),
+            ])
+            .args([
+                "--batches",
+                &batches.join(","),
+                "--threads",
+                &threads.to_string(),
+            ])
+            .args([
+                "--device",
+                &a.device,
+                "--dtype",
+                &format!("{dtype:?}").to_lowercase(),
+            ]);
+        },
+    )
 }

@@ -1,7 +1,6 @@
 //! `ferrotune bench train`: LoRA forward+backward throughput and peak memory of ferrotune and of
 //! transformers + PEFT (PyTorch eager) on the same random Phi-3 shape, in one run.
 
-use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -14,7 +13,7 @@ use serde_json::json;
 
 use crate::assets;
 use crate::cli::{BenchTrainArgs, RandomShape};
-use crate::commands::model_args;
+use crate::commands::{model_args, python_ref};
 use crate::failure::Failure;
 
 #[derive(Deserialize)]
@@ -173,71 +172,38 @@ fn training_flops_per_token(args: &BenchTrainArgs) -> f64 {
 
 fn run_reference(a: &BenchTrainArgs, dtype: DType) -> Result<Reference, Failure> {
     let shape = a.model.resolved();
-    let script =
-        std::env::temp_dir().join(format!("ferrotune-bench-train-{}.py", std::process::id()));
-    std::fs::write(&script, assets::BENCH_TRAIN_REFERENCE)
-        .map_err(|e| Failure::runtime(format!("bench train: {e}")))?;
-    tracing::info!("running the PyTorch reference ({})", a.python);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let output = Command::new(&a.python)
-        .arg(&script)
-        .args([
-            "--vocab",
-            &shape.vocab.to_string(),
-            "--hidden",
-            &shape.hidden.to_string(),
-        ])
-        .args([
-            "--intermediate",
-            &shape.intermediate.to_string(),
-            "--layers",
-            &shape.layers.to_string(),
-        ])
-        .args([
-            "--heads",
-            &shape.heads.to_string(),
-            "--kv-heads",
-            &shape.kv_heads.to_string(),
-        ])
-        .args([
-            "--seq",
-            &a.seq.to_string(),
-            "--batch",
-            &a.batch.to_string(),
-            "--r",
-            &a.r.to_string(),
-        ])
-        .args([
-            "--steps",
-            &a.steps.to_string(),
-            "--warmup",
-            &a.warmup.to_string(),
-        ])
-        .args(["--threads", &threads.to_string()])
-        .args([
-            "--device",
-            &a.device,
-            "--dtype",
-            &format!("{dtype:?}").to_lowercase(),
-        ])
-        .args(a.recompute.then_some("--recompute"))
-        .output();
-    let _ = std::fs::remove_file(&script);
-    let output = output.map_err(|e| {
-        Failure::usage(format!(
-            "cannot start {} ({e}); pass --python or --no-reference",
-            a.python
-        ))
-    })?;
-    if !output.status.success() {
-        return Err(Failure::usage(format!(
-            "the PyTorch reference failed (needs torch, transformers, peft; or use --no-reference):\n{}",
-            String::from_utf8_lossy(&output.stderr).lines().rev().take(5).collect::<Vec<_>>().join("\n")
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .map_err(|e| Failure::runtime(format!("unreadable reference output ({e}): {stdout}")))
+    python_ref::run(
+        &a.python,
+        assets::BENCH_TRAIN_REFERENCE,
+        "PyTorch + PEFT",
+        "torch, transformers, peft",
+        |cmd| {
+            for (flag, v) in [
+                ("--vocab", shape.vocab),
+                ("--hidden", shape.hidden),
+                ("--intermediate", shape.intermediate),
+                ("--layers", shape.layers),
+                ("--heads", shape.heads),
+                ("--kv-heads", shape.kv_heads),
+                ("--seq", a.seq),
+                ("--batch", a.batch),
+                ("--r", a.r),
+                ("--steps", a.steps),
+                ("--warmup", a.warmup),
+                ("--threads", threads),
+            ] {
+                cmd.args([flag, &v.to_string()]);
+            }
+            cmd.args([
+                "--device",
+                &a.device,
+                "--dtype",
+                &format!("{dtype:?}").to_lowercase(),
+            ])
+            .args(a.recompute.then_some("--recompute"));
+        },
+    )
 }
 
 /// `--dtype`, else bf16 on CUDA and f32 on the CPU.

@@ -3,7 +3,6 @@
 //! steps/s, tokens/s, peak RSS and the final eval loss of both, and the ratios.
 
 use std::path::Path;
-use std::process::Command;
 
 use ferrotune_train::TrainConfig;
 use serde::Deserialize;
@@ -12,6 +11,7 @@ use serde_json::json;
 use crate::assets;
 use crate::cli::BenchTrainArgs;
 use crate::commands::bench_train::peak_rss_bytes;
+use crate::commands::python_ref;
 use crate::commands::train::train;
 use crate::failure::Failure;
 
@@ -98,45 +98,29 @@ fn measure(cfg: &TrainConfig, args: &BenchTrainArgs, json_out: bool) -> Result<(
 }
 
 fn run_reference(cfg: &TrainConfig, args: &BenchTrainArgs) -> Result<Reference, Failure> {
-    let script =
-        std::env::temp_dir().join(format!("ferrotune-bench-trainer-{}.py", std::process::id()));
-    std::fs::write(&script, assets::BENCH_TRAINER_REFERENCE)
-        .map_err(|e| Failure::runtime(format!("bench train: {e}")))?;
-    tracing::info!("running the Trainer + PEFT reference ({})", args.python);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let data = cfg.output_dir.join("data");
     // The resolved config (absolute paths, --set applied), so both sides train the same thing.
     let resolved = cfg.output_dir.join("bench_config.yaml");
     std::fs::write(&resolved, cfg.to_yaml())
         .map_err(|e| Failure::runtime(format!("{}: {e}", resolved.display())))?;
-    let mut cmd = Command::new(&args.python);
-    cmd.arg(&script)
-        .arg("--config")
-        .arg(&resolved)
-        .arg("--train-data")
-        .arg(data.join("train"))
-        .args(["--threads", &threads.to_string()]);
-    if cfg.validation_file_path.is_some() {
-        cmd.arg("--validation-data").arg(data.join("validation"));
-    }
-    if cfg.max_steps > 0 {
-        cmd.args(["--max-steps", &cfg.max_steps.to_string()]);
-    }
-    let output = cmd.output();
-    let _ = std::fs::remove_file(&script);
-    let output = output.map_err(|e| {
-        Failure::usage(format!(
-            "cannot start {} ({e}); pass --python or --no-reference",
-            args.python
-        ))
-    })?;
-    if !output.status.success() {
-        return Err(Failure::usage(format!(
-            "the Trainer + PEFT reference failed (needs torch, transformers, peft; or use --no-reference):\n{}",
-            String::from_utf8_lossy(&output.stderr).lines().rev().take(8).collect::<Vec<_>>().join("\n")
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .map_err(|e| Failure::runtime(format!("unreadable reference output ({e}): {stdout}")))
+    python_ref::run(
+        &args.python,
+        assets::BENCH_TRAINER_REFERENCE,
+        "Trainer + PEFT",
+        "torch, transformers, peft",
+        |cmd| {
+            cmd.arg("--config")
+                .arg(&resolved)
+                .arg("--train-data")
+                .arg(data.join("train"))
+                .args(["--threads", &threads.to_string()]);
+            if cfg.validation_file_path.is_some() {
+                cmd.arg("--validation-data").arg(data.join("validation"));
+            }
+            if cfg.max_steps > 0 {
+                cmd.args(["--max-steps", &cfg.max_steps.to_string()]);
+            }
+        },
+    )
 }

@@ -14,6 +14,7 @@ pub mod launch;
 pub mod model_args;
 pub mod models;
 pub mod plan;
+pub mod python_ref;
 pub mod run;
 pub mod serve;
 pub mod tracking;
