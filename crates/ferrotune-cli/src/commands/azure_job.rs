@@ -25,12 +25,13 @@ out="$1"; shift
 # cuBLAS, cuRAND, NVRTC and NCCL from the environment's Python wheels (nvidia-*) and conda libs.
 prefix="${CONDA_PREFIX:-/opt/conda}"
 for d in "$prefix"/lib/python3*/site-packages/nvidia/*/lib "$prefix/lib" /usr/local/cuda/lib64; do
-  [ -d "$d" ] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  if [ -d "$d" ]; then LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
 done
 export LD_LIBRARY_PATH
 bin=./ferrotune
 if [ -f ferrotune.gz ]; then
-  bin="${TMPDIR:-/tmp}/ferrotune"
+  # One copy per process: the ranks of a node unpack at the same time.
+  bin="${TMPDIR:-/tmp}/ferrotune-${RANK:-0}"
   gzip -dc ferrotune.gz >"$bin"
   chmod +x "$bin"
 fi
