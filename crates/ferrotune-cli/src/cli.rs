@@ -571,6 +571,18 @@ pub struct RandomShape {
 }
 
 impl RandomShape {
+    /// The sizes as the Python reference scripts take them (call on a resolved shape).
+    pub fn python_args(&self) -> [(&'static str, usize); 6] {
+        [
+            ("--vocab", self.vocab),
+            ("--hidden", self.hidden),
+            ("--intermediate", self.intermediate),
+            ("--layers", self.layers),
+            ("--heads", self.heads),
+            ("--kv-heads", self.kv_heads),
+        ]
+    }
+
     /// The sizes, with a named shape applied.
     pub fn resolved(&self) -> RandomShape {
         match self.shape.as_deref() {

@@ -179,14 +179,7 @@ fn run_reference(a: &BenchDecodeArgs, dtype: DType) -> Result<Reference, Failure
                     cmd.arg("--model-dir").arg(dir);
                 }
                 None => {
-                    for (flag, v) in [
-                        ("--vocab", shape.vocab),
-                        ("--hidden", shape.hidden),
-                        ("--intermediate", shape.intermediate),
-                        ("--layers", shape.layers),
-                        ("--heads", shape.heads),
-                        ("--kv-heads", shape.kv_heads),
-                    ] {
+                    for (flag, v) in shape.python_args() {
                         cmd.args([flag, &v.to_string()]);
                     }
                 }

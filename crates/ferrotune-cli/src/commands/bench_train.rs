@@ -179,20 +179,14 @@ fn run_reference(a: &BenchTrainArgs, dtype: DType) -> Result<Reference, Failure>
         "PyTorch + PEFT",
         "torch, transformers, peft",
         |cmd| {
-            for (flag, v) in [
-                ("--vocab", shape.vocab),
-                ("--hidden", shape.hidden),
-                ("--intermediate", shape.intermediate),
-                ("--layers", shape.layers),
-                ("--heads", shape.heads),
-                ("--kv-heads", shape.kv_heads),
+            for (flag, v) in shape.python_args().into_iter().chain([
                 ("--seq", a.seq),
                 ("--batch", a.batch),
                 ("--r", a.r),
                 ("--steps", a.steps),
                 ("--warmup", a.warmup),
                 ("--threads", threads),
-            ] {
+            ]) {
                 cmd.args([flag, &v.to_string()]);
             }
             cmd.args([
