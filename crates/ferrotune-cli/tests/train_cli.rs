@@ -156,6 +156,22 @@ fn config_mistakes_exit_2_naming_the_key() {
         .stderr(contains(
             "max_seq_length: 100000 is longer than the model's context",
         ));
+    // A run the memory plan says cannot fit is refused before anything is loaded or written.
+    let out_dir = tmp.path().join("out");
+    ferrotune()
+        .current_dir(tmp.path())
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--set", "per_device_train_batch_size=1000000"])
+        .env_remove("FERROTUNE_SKIP_MEMORY_CHECK")
+        .assert()
+        .code(2)
+        .stderr(contains("the memory plan needs"))
+        .stderr(contains("would not fit"))
+        .stderr(contains("Try per_device_train_batch_size: "))
+        .stderr(contains("FERROTUNE_SKIP_MEMORY_CHECK=1"));
+    assert!(!out_dir.exists(), "nothing is written for a refused run");
     ferrotune()
         .arg("train")
         .arg("--config")

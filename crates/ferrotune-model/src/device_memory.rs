@@ -22,6 +22,46 @@ pub struct DeviceMemory {
     pub total: u64,
 }
 
+/// Memory a run could use on a device, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Free now: on a GPU as the driver reports it, on the CPU Linux's `MemAvailable`.
+    pub free: u64,
+    /// The device's (or the machine's) memory.
+    pub total: u64,
+}
+
+/// What `device` has, before anything is loaded: `None` where it cannot be asked (not Linux,
+/// a GPU in a build without CUDA).
+pub fn capacity(device: &Device) -> Option<Capacity> {
+    match device {
+        Device::Cpu => host_capacity(&std::fs::read_to_string("/proc/meminfo").ok()?),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => {
+            let (free, total) = dev.cuda_stream().context().mem_get_info().ok()?;
+            Some(Capacity {
+                free: free as u64,
+                total: total as u64,
+            })
+        }
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// `MemAvailable` and `MemTotal` of a `/proc/meminfo` text.
+fn host_capacity(meminfo: &str) -> Option<Capacity> {
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some(Capacity {
+        free: field("MemAvailable:")?,
+        total: field("MemTotal:")?,
+    })
+}
+
 impl PeakSampler {
     /// Starts sampling `device`; on a CPU device (or a build without CUDA) it samples nothing and
     /// [`PeakSampler::finish`] returns `None`.
@@ -107,6 +147,24 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_capacity_reads_meminfo() {
+        let meminfo =
+            "MemTotal:       24684000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(
+            host_capacity(meminfo),
+            Some(Capacity {
+                free: 20_000_000 * 1024,
+                total: 24_684_000 * 1024
+            })
+        );
+        assert_eq!(host_capacity("MemTotal: 5 kB\n"), None);
+        if std::path::Path::new("/proc/meminfo").exists() {
+            let c = capacity(&Device::Cpu).expect("this machine's memory");
+            assert!(c.free > 0 && c.free <= c.total);
+        }
+    }
 
     #[test]
     fn a_cpu_device_has_no_device_memory_to_report() {

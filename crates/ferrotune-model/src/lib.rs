@@ -2,6 +2,7 @@
 //! HF-layout weights, a differentiable forward whose frozen weights never get gradients, PEFT's
 //! LoRA, and the causal-LM loss.
 
+pub mod attention;
 pub mod config;
 mod cpu_rows;
 pub mod device_memory;

@@ -5,12 +5,12 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 
+use crate::attention::attention;
 use crate::config::Phi3Config;
 use crate::frozen_linear::FrozenMatmul;
 use crate::lora::{Linear, LoraConfig, LoraPair};
 pub use crate::rms_norm::rms_norm;
 use crate::rope::{self, Rope};
-use crate::softmax::attention_probs;
 use crate::swiglu::swiglu;
 
 /// Weight names follow the checkpoint (`model.layers.{i}.self_attn.qkv_proj.weight`, ...).
@@ -546,9 +546,7 @@ impl DecoderLayer {
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         // Scores and softmax in f32, as transformers' eager attention does.
         let scale = 1.0 / (hd as f64).sqrt();
-        let probs = attention_probs(&q.matmul(&k.t()?)?, bias, scale)?;
-        let out = probs
-            .matmul(&v)?
+        let out = attention(&q, &k, &v, bias, scale)?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out, train)

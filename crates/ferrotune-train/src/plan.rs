@@ -18,11 +18,13 @@
 //! * the backward of a broadcast division (the softmax normalisation) holds about six buffers of
 //!   the `[b, heads, t, t]` score size at once, and the loss backward about four `[b·t, vocab]`.
 //!
-//! The cross-entropy stays composed on CUDA either way. On CPU in f32 ferrotune's fused CPU ops
-//! keep less than the composed model, which the CPU plan uses, so it is an upper bound there.
+//! The cross-entropy stays composed on CUDA either way. On the CPU in f32 the fused CPU ops, the
+//! fused head (no logits) and the fused attention (no score buffer kept between forward and
+//! backward) are modelled (`fused_head`, `fused_attention`).
 //! Calibration: `fused_kernels_plan_matches_the_measured_h200_step` checks the plan against a
-//! peak measured on a GPU by `scripts/gpu-check.sh` (committed under `benches/gpu/`). Sizes are
-//! bytes throughout; "GiB" is 2³⁰ bytes.
+//! peak measured on a GPU by `scripts/gpu-check.sh` (committed under `benches/gpu/`);
+//! `tests/plan_cpu_peak.rs` against the bytes allocated and the resident peak of CPU steps.
+//! Sizes are bytes throughout; "GiB" is 2³⁰ bytes.
 
 use ferrotune_model::{LoraConfig, Phi3Config};
 use serde::Serialize;
@@ -56,17 +58,25 @@ pub struct PlanInput {
     /// The head and its cross-entropy are one op that never holds the logits (the CPU in f32:
     /// `head_loss.rs`); otherwise logits and a composed cross-entropy.
     pub fused_head: bool,
+    /// Attention keeps no `[b, heads, t, t]` buffer between forward and backward and recomputes
+    /// the probabilities in the backward (the CPU in f32: `ferrotune_model::attention`).
+    pub fused_attention: bool,
+    /// Planning for a GPU (CUDA's allocator; [`CUDA_CONTEXT_BYTES`] besides) rather than the
+    /// CPU process's heap (mimalloc), which sets the overhead (see [`MemoryPlan::overhead`]).
+    pub gpu: bool,
 }
 
 impl PlanInput {
-    /// Which ops a run uses on a GPU (`gpu`) or the CPU with `dtype_bytes`: on CUDA the fused
-    /// kernels unless `FERROTUNE_KERNELS=0`, with the composed cross-entropy; on the CPU in f32
-    /// fused ops and the fused head; on the CPU in bf16/f16 composed ops.
-    pub fn ops_for(gpu: bool, dtype_bytes: usize) -> (bool, bool) {
+    /// Which ops a run uses on a GPU (`gpu`) or the CPU with `dtype_bytes`, as
+    /// `(fused_kernels, fused_head, fused_attention)`: on CUDA the fused kernels unless
+    /// `FERROTUNE_KERNELS=0`, with the composed cross-entropy and attention; on the CPU in f32
+    /// fused ops, the fused head and the fused attention; on the CPU in bf16/f16 composed ops.
+    pub fn ops_for(gpu: bool, dtype_bytes: usize) -> (bool, bool, bool) {
         if gpu {
-            (ferrotune_model::kernels_enabled(), false)
+            (ferrotune_model::kernels_enabled(), false, false)
         } else {
-            (dtype_bytes == 4, dtype_bytes == 4)
+            let f32 = dtype_bytes == 4;
+            (f32, f32, f32)
         }
     }
 }
@@ -97,8 +107,9 @@ pub struct MemoryPlan {
     /// buffers of the largest backward step: the softmax backward (six `[b, heads, t, t]` f32),
     /// or the loss backward (four `[b·t, vocab]` f32) when that is larger.
     pub attention_workspace: u64,
-    /// 5% of the components above (allocator rounding and fragmentation, small temporaries,
-    /// cuBLAS workspaces); plus [`CUDA_CONTEXT_BYTES`] after [`with_device_overhead`].
+    /// Allocator rounding and fragmentation, small temporaries: on a GPU 5% of the components
+    /// above (cuBLAS workspaces included), plus [`CUDA_CONTEXT_BYTES`] after
+    /// [`with_device_overhead`]; on the CPU [`HOST_OVERHEAD_PERCENT`].
     pub overhead: u64,
     pub total: u64,
     /// LoRA parameter count.
@@ -163,9 +174,9 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verdict {
     pub fits: bool,
-    /// The GPU's memory less a 5% safety margin, in bytes.
+    /// The memory less a 5% safety margin, in bytes.
     pub usable_bytes: u64,
-    /// The plan's total including [`CUDA_CONTEXT_BYTES`], in bytes.
+    /// [`needed`]: the plan's total, on a GPU including [`CUDA_CONTEXT_BYTES`], in bytes.
     pub needed_bytes: u64,
     /// The largest micro batch that fits at this `seq_len`; `None` if even 1 does not.
     pub largest_micro_batch: Option<usize>,
@@ -176,6 +187,10 @@ pub struct Verdict {
 
 /// Bytes of an f32.
 const F32: u128 = 4;
+/// On the CPU the process's resident peak exceeds the bytes allocated at its peak: mimalloc
+/// keeps freed blocks of other sizes and other threads' heaps resident. Measured by
+/// `tests/plan_cpu_peak.rs` on training steps of 512–2,048 tokens: 9% to 25% (mean 17%).
+pub const HOST_OVERHEAD_PERCENT: u128 = 17;
 /// Live `[b, heads, t, t]` f32 buffers while the softmax's broadcast division back-propagates:
 /// the incoming gradient, `grad / sum`, the numerator's summed gradient, `grad · e`, `sum²` and
 /// their quotient (candle's `BinaryOp::Div` backward).
@@ -213,6 +228,7 @@ struct Dims {
     dropout: bool,
     fused: bool,
     fused_head: bool,
+    fused_attention: bool,
     b: u128,
     t: u128,
 }
@@ -246,6 +262,7 @@ impl Dims {
             dropout: p.lora.lora_dropout > 0.0,
             fused: p.fused_kernels,
             fused_head: p.fused_head,
+            fused_attention: p.fused_attention,
             b: w(p.micro_batch),
             t: w(p.seq_len),
         }
@@ -348,10 +365,13 @@ impl Dims {
         if self.heads != self.kv_heads {
             bytes += 2 * a * d;
         }
-        // Scores per query: fused, `q·kᵀ` and the probabilities, both in the dtype; composed,
-        // `q·kᵀ` in the dtype, its f32 copy, `·scale`, `+bias`, `-max`, `exp`, `/sum` (f32),
-        // probabilities back in the dtype; max and sum are one value per head.
-        bytes += if self.fused {
+        // Scores per query: fused attention, none; fused softmax, `q·kᵀ` and the probabilities,
+        // both in the dtype; composed, `q·kᵀ` in the dtype, its f32 copy, `·scale`, `+bias`,
+        // `-max`, `exp`, `/sum` (f32), probabilities back in the dtype; max and sum are one
+        // value per head.
+        bytes += if self.fused_attention {
+            0
+        } else if self.fused {
             2 * self.heads * self.t * d
         } else {
             self.heads * self.t * (d + 5 * F32 + self.conv * (F32 + d)) + 2 * self.heads * F32
@@ -468,18 +488,30 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
     let scores = dims.b * dims.heads * dims.t * dims.t;
     // The fused softmax backward holds the incoming gradient, its own output and candle's summed
     // copy of it, all in the dtype; the composed one [`SOFTMAX_BACKWARD_BUFFERS`] in f32.
-    let softmax_backward = if dims.fused {
+    // The fused attention's backward holds the recomputed probabilities, their gradient and the
+    // scores' gradient, f32.
+    let softmax_backward = if dims.fused_attention {
+        3 * scores * F32
+    } else if dims.fused {
         3 * scores * d
     } else {
         SOFTMAX_BACKWARD_BUFFERS * scores * F32
     };
     // The loss backward: composed, [`LOSS_BACKWARD_BUFFERS`] `[b·t, vocab]` f32 buffers; fused,
-    // one chunk of re-projected rows with its gradient, plus a copy of the hidden state and its
-    // gradient.
+    // one chunk of re-projected rows twice (the matmul's output and its copy the rows are
+    // rewritten in) with its input rows and their gradient, plus a copy of the hidden state and
+    // its gradient.
     let loss_backward = if dims.fused_head {
-        HEAD_CHUNK * (dims.vocab + h) * F32 + 2 * n * h * F32
+        HEAD_CHUNK * (2 * dims.vocab + 2 * h) * F32 + 2 * n * h * F32
     } else {
         LOSS_BACKWARD_BUFFERS * n * dims.vocab * F32
+    };
+    // With recompute the loss backward runs before any layer is re-run, next to the saved
+    // layer inputs only; without, next to every layer's graph.
+    let loss_backward = if input.recompute {
+        loss_backward.saturating_sub(with - l * n * h * d)
+    } else {
+        loss_backward
     };
     let attention_workspace = dims.b * dims.t * dims.t * F32
         + 2 * n * dims.head_dim * d
@@ -492,7 +524,11 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
         + activations
         + logits_and_loss
         + attention_workspace;
-    let overhead = sum / 20;
+    let overhead = if input.gpu {
+        sum / 20
+    } else {
+        sum * HOST_OVERHEAD_PERCENT / 100
+    };
     MemoryPlan {
         weights: saturate(weights),
         lora_parameters: saturate(lora_parameters),
@@ -519,13 +555,18 @@ pub fn with_device_overhead(plan: &MemoryPlan) -> MemoryPlan {
     }
 }
 
-/// Bytes needed on a GPU.
-fn needed(input: &PlanInput) -> u64 {
-    with_device_overhead(&estimate(input)).total
+/// Bytes a run needs: on a GPU with the CUDA context, on the CPU the plan's total.
+pub fn needed(input: &PlanInput) -> u64 {
+    let plan = estimate(input);
+    if input.gpu {
+        with_device_overhead(&plan).total
+    } else {
+        plan.total
+    }
 }
 
-/// Whether `input` fits a GPU of `memory_bytes` (the device overhead included, 5% of the memory
-/// kept back), and the largest micro batch and sequence length that would.
+/// Whether `input` fits a GPU (or, for a CPU plan, a machine) of `memory_bytes` ([`needed`], 5%
+/// of the memory kept back), and the largest micro batch and sequence length that would.
 pub fn verdict(input: &PlanInput, memory_bytes: u64) -> Verdict {
     let usable_bytes = memory_bytes - memory_bytes / 20;
     let needed_bytes = needed(input);
@@ -828,6 +869,8 @@ mod tests {
             recompute,
             fused_kernels: false,
             fused_head: false,
+            fused_attention: false,
+            gpu: true,
         }
     }
 

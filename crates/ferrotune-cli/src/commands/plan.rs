@@ -26,7 +26,7 @@ pub fn input(cfg: &TrainConfig, gpu: bool) -> Result<PlanInput, Failure> {
         Precision::Auto if gpu => 2,
         Precision::Auto => 4,
     };
-    let (fused_kernels, fused_head) = PlanInput::ops_for(gpu, dtype_bytes);
+    let (fused_kernels, fused_head, fused_attention) = PlanInput::ops_for(gpu, dtype_bytes);
     Ok(PlanInput {
         model,
         lora,
@@ -36,6 +36,8 @@ pub fn input(cfg: &TrainConfig, gpu: bool) -> Result<PlanInput, Failure> {
         recompute: cfg.gradient_checkpointing,
         fused_kernels,
         fused_head,
+        fused_attention,
+        gpu,
     })
 }
 

@@ -84,6 +84,79 @@ fn dry_run(cfg: &TrainConfig, json_out: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Set to 1 to train even when the memory plan says the run does not fit.
+const SKIP_MEMORY_CHECK: &str = "FERROTUNE_SKIP_MEMORY_CHECK";
+
+/// Refuses, before anything is loaded, a run whose memory plan does not fit what `device` has:
+/// a GPU's capacity, or on the CPU the memory available now shared by the `local_world` ranks
+/// of this node. Where the device cannot be asked, nothing is checked.
+fn check_memory(
+    cfg: &TrainConfig,
+    device: &candle_core::Device,
+    local_world: usize,
+    skip: Option<&String>,
+) -> Result<(), Failure> {
+    let gpu = !device.is_cpu();
+    let input = crate::commands::plan::input(cfg, gpu)?;
+    let Some(capacity) = ferrotune_model::device_memory::capacity(device) else {
+        return Ok(());
+    };
+    // A GPU is the run's own (one rank each); the CPU's memory is what is free for all ranks.
+    let (memory, ranks, what) = if gpu {
+        (capacity.total, 1, format!("{device:?} has"))
+    } else {
+        (
+            capacity.free / local_world.max(1) as u64,
+            local_world.max(1),
+            "this machine has available".to_string(),
+        )
+    };
+    let verdict = ferrotune_train::plan::verdict(&input, memory);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if verdict.fits {
+        tracing::debug!(
+            "memory plan {:.2} GiB per rank fits ({:.2} GiB usable)",
+            gib(verdict.needed_bytes),
+            gib(verdict.usable_bytes)
+        );
+        return Ok(());
+    }
+    let per_rank = if ranks > 1 {
+        format!(" for each of {ranks} ranks")
+    } else {
+        String::new()
+    };
+    let mut advice = Vec::new();
+    if let Some(b) = verdict
+        .largest_micro_batch
+        .filter(|&b| b < cfg.per_device_train_batch_size)
+    {
+        advice.push(format!("per_device_train_batch_size: {b}"));
+    }
+    if let Some(t) = verdict.largest_seq_len.filter(|&t| t < input.seq_len) {
+        advice.push(format!("max_seq_length: {t}"));
+    }
+    if !cfg.gradient_checkpointing {
+        advice.push("gradient_checkpointing: true".into());
+    }
+    let message = format!(
+        "the memory plan needs {:.2} GiB{per_rank}, {what} {:.2} GiB ({:.2} GiB usable): the run would not fit. {}See `ferrotune plan --config <this config>` for the breakdown; set {SKIP_MEMORY_CHECK}=1 to try anyway.",
+        gib(verdict.needed_bytes),
+        gib(memory),
+        gib(verdict.usable_bytes),
+        if advice.is_empty() {
+            String::new()
+        } else {
+            format!("Try {}. ", advice.join(", or "))
+        }
+    );
+    if skip.is_some_and(|v| v == "1") {
+        tracing::warn!("{message} ({SKIP_MEMORY_CHECK}=1: training anyway)");
+        return Ok(());
+    }
+    Err(Failure::usage(message))
+}
+
 /// Run training as `cfg` says; `extra` observers see the run too (MLflow, the pipeline).
 pub fn train(
     cfg: &TrainConfig,
@@ -131,6 +204,9 @@ pub fn train(
             cfg.output_dir.display()
         )));
     }
+
+    let local_world = job.as_ref().map_or(1, |j| j.local_world);
+    check_memory(cfg, &device, local_world, env.get(SKIP_MEMORY_CHECK))?;
 
     let rows = RowBar::new(show_progress);
     let data_dir = cfg.output_dir.join("data");

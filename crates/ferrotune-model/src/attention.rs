@@ -1,0 +1,218 @@
+//! Causal attention `softmax(scale · q·kᵀ + bias) · v` for training on the CPU without keeping
+//! any `[b, heads, t, t]` buffer between the forward and the backward.
+//!
+//! Composed from candle ops, the graph keeps the scores and the probabilities of every layer
+//! until the backward ends, and candle's backward of the two matmuls and the softmax holds eight
+//! score-sized f32 buffers at once (each gradient it creates starts as a zeroed buffer that the
+//! real gradient is added to). At 2,048 tokens and 32 heads one such buffer is 512 MiB. Here the
+//! forward runs on detached inputs and drops its scores; the backward recomputes the
+//! probabilities from `q` and `k` (flash-attention's trade: one more `q·kᵀ` for far less memory)
+//! and holds at most three score-sized buffers. Elsewhere (CUDA, f16/bf16, inference) the
+//! composed path is used.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu_rows::f32_rows;
+use crate::softmax::{attention_probs, scaled_masked_softmax};
+
+/// `softmax(scale · q·kᵀ + bias) · v` for `q` `[b, h, tq, d]`, `k`/`v` `[b, h, tk, d]` (heads
+/// already repeated for GQA) and an f32 `bias` `[b, 1, tq, tk]`; `[b, h, tq, d]` out.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if tracked && q.device().is_cpu() && q.dtype() == DType::F32 {
+        let out = forward(&q.detach(), &k.detach(), &v.detach(), bias, scale)?;
+        let op = AttentionBackward {
+            bias: bias.clone(),
+            scale,
+            out,
+        };
+        return q.apply_op3(k, v, op);
+    }
+    attention_probs(&q.matmul(&k.t()?)?, bias, scale)?.matmul(v)
+}
+
+fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    scaled_masked_softmax(&q.matmul(&k.t()?)?, bias, scale)?.matmul(v)
+}
+
+/// Carries the output computed by [`forward`] into the graph and computes the gradients of `q`,
+/// `k` and `v` from them alone.
+struct AttentionBackward {
+    bias: Tensor,
+    scale: f64,
+    out: Tensor,
+}
+
+impl CustomOp3 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self.out.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(out), self.out.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached, so the gradients returned hold no graph (and no score buffer) alive.
+        let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, &self.bias, self.scale)?;
+        // The same products, in the same order, as candle's matmul backward would form them.
+        let dv = probs.t()?.matmul(&g)?;
+        let dprobs = g.matmul(&v.t()?)?;
+        let dscores = probs.apply_op2_no_bwd(
+            &dprobs.contiguous()?,
+            &ScaledSoftmaxGrad {
+                scale: self.scale as f32,
+            },
+        )?;
+        drop((probs, dprobs));
+        let dq = dscores.matmul(&k)?;
+        let dk = q.t()?.matmul(&dscores)?.t()?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// `dx = (y ⊙ (g − Σ g⊙y)) · scale` per row: the softmax backward and the scores' scale in one
+/// pass (rounded as the softmax gradient followed by `affine(scale, 0)`).
+struct ScaledSoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for ScaledSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "scaled-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, d) = f32_rows(s1, l1, self.name())?;
+        let (g, _) = f32_rows(s2, l2, self.name())?;
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(d)
+            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(dx, (y, g))| {
+                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
+                    *dx = (y * (g - dot)) * self.scale;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Fused and composed attention agree in output and in the gradients of q, k and v, with a
+    /// causal mask, uneven sizes and a query block shorter than the keys.
+    #[test]
+    fn fused_attention_matches_the_composed_graph_forward_and_backward() {
+        let (b, h, tq, tk, d) = (2, 3, 5, 7, 4);
+        let cpu = &Device::Cpu;
+        let var = |dims: &[usize]| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, dims, cpu).unwrap()).unwrap()
+        };
+        let (q, k, v) = (
+            var(&[b, h, tq, d]),
+            var(&[b, h, tk, d]),
+            var(&[b, h, tk, d]),
+        );
+        let bias: Vec<f32> = (0..b * tq * tk)
+            .map(|i| {
+                let (qi, ki) = ((i / tk) % tq, i % tk);
+                if ki > qi + (tk - tq) {
+                    f32::MIN
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, tq, tk), cpu).unwrap();
+        let scale = 0.5;
+        let fused = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, scale).unwrap();
+        let composed = attention_probs(&q.matmul(&k.t().unwrap()).unwrap(), &bias, scale)
+            .unwrap()
+            .matmul(v.as_tensor())
+            .unwrap();
+        assert_eq!(max_abs_diff(&fused, &composed), 0.0, "forward");
+        let probe = Tensor::randn(0f32, 1.0, fused.dims(), cpu).unwrap();
+        let gf = (fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (composed * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, c) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap(),
+            );
+            let d = max_abs_diff(a, c);
+            assert!(d <= 1e-6, "gradient of {name} differs by {d}");
+            let norm = c
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 1e-3, "gradient of {name} is trivially zero");
+        }
+    }
+
+    /// Without a graph (inference) the composed path runs and gives the same values.
+    #[test]
+    fn untracked_inputs_take_the_composed_path() {
+        let cpu = &Device::Cpu;
+        let t = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, cpu).unwrap();
+        let (q, k, v) = (t(&[1, 2, 3, 4]), t(&[1, 2, 3, 4]), t(&[1, 2, 3, 4]));
+        let bias = Tensor::zeros((1, 1, 3, 3), DType::F32, cpu).unwrap();
+        let out = attention(&q, &k, &v, &bias, 0.5).unwrap();
+        assert!(!out.track_op());
+        assert_eq!(
+            max_abs_diff(&out, &forward(&q, &k, &v, &bias, 0.5).unwrap()),
+            0.0
+        );
+    }
+}
