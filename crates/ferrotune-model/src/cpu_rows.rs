@@ -24,6 +24,24 @@ pub(crate) fn row_nll(row: &[f32], target: u32) -> f32 {
     sum.ln() + max - row[target as usize]
 }
 
+/// In place: logits → `softmax(row) − onehot(target)`, the gradient of `row_nll`; returns
+/// `row_nll(row, target)` (the same value, from the same sums).
+pub(crate) fn row_nll_and_grad_in_place(row: &mut [f32], target: u32) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let at_target = row[target as usize];
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+    row[target as usize] -= 1.0;
+    sum.ln() + max - at_target
+}
+
 /// In place: logits → `g · (softmax(row) − onehot(target))`, the gradient of `g · row_nll`.
 pub(crate) fn row_nll_grad_in_place(row: &mut [f32], target: u32, g: f32) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

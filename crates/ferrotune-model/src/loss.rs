@@ -38,6 +38,8 @@ pub fn head_loss_sum(hidden: &Tensor, weight: &Tensor, labels: &[Vec<i64>]) -> R
                 .apply_op1(crate::head_loss::HeadLoss {
                     weight: weight.clone(),
                     targets: targets.into(),
+                    with_grad: hidden.track_op(),
+                    grad: std::sync::Mutex::new(None),
                 })?;
         return Ok(LossSum {
             sum: per_row.sum_all()?,

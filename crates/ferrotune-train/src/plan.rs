@@ -417,11 +417,12 @@ impl Dims {
     /// norm, logits in the dtype, their f32 copy, the cross-entropy's gathered rows, shifted
     /// rows and `exp` (all f32; every token assumed trained, the worst case), a few per-row
     /// values; plus the leaked gradients of the final norm's weight and of the detached max.
-    /// Fused head: the final hidden state, the norm and one loss per row.
+    /// Fused head: the final hidden state, the norm, one loss per row and the hidden state's
+    /// gradient formed in the forward (f32).
     fn head(&self) -> u128 {
         let (h, v, d) = (self.hidden, self.vocab, self.d);
         if self.fused_head {
-            return h * d + self.norm_kept() + F32;
+            return h * d + self.norm_kept() + F32 + h * F32;
         }
         let kept = h * d + self.norm_kept() + v * (d + self.conv * F32 + 3 * F32) + 4 * F32;
         let norm_weight = if self.fused { 0 } else { h * d };
@@ -498,11 +499,11 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
         SOFTMAX_BACKWARD_BUFFERS * scores * F32
     };
     // The loss backward: composed, [`LOSS_BACKWARD_BUFFERS`] `[b·t, vocab]` f32 buffers; fused,
-    // one chunk of re-projected rows twice (the matmul's output and its copy the rows are
-    // rewritten in) with its input rows and their gradient, plus a copy of the hidden state and
-    // its gradient.
+    // the head's forward (which forms the gradient): one chunk of logits twice (the matmul's
+    // output and the copy rewritten into `softmax − onehot`) with its input rows and their
+    // gradient.
     let loss_backward = if dims.fused_head {
-        HEAD_CHUNK * (2 * dims.vocab + 2 * h) * F32 + 2 * n * h * F32
+        HEAD_CHUNK * (2 * dims.vocab + 2 * h) * F32
     } else {
         LOSS_BACKWARD_BUFFERS * n * dims.vocab * F32
     };
