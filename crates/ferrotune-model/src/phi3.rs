@@ -192,6 +192,48 @@ impl Phi3 {
         })
     }
 
+    /// Another model on the same frozen weights (the tensors are shared, not copied) with no
+    /// adapter, so several adapters can be served on one base in the memory of one. Refused
+    /// while an adapter is merged into the weights.
+    pub fn share_base(&self) -> Result<Phi3> {
+        let frozen = |l: &Linear| -> Result<Linear> {
+            if l.merged.is_some() {
+                candle_core::bail!(
+                    "share_base: an adapter is merged into the weights; unmerge it first"
+                );
+            }
+            Ok(Linear {
+                base: FrozenMatmul::new(l.base.weight().clone()),
+                lora: None,
+                merged: None,
+            })
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(DecoderLayer {
+                    input_layernorm: l.input_layernorm.clone(),
+                    qkv_proj: frozen(&l.qkv_proj)?,
+                    o_proj: frozen(&l.o_proj)?,
+                    post_attention_layernorm: l.post_attention_layernorm.clone(),
+                    gate_up_proj: frozen(&l.gate_up_proj)?,
+                    down_proj: frozen(&l.down_proj)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Phi3 {
+            cfg: self.cfg.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+            embed_tokens: self.embed_tokens.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: FrozenMatmul::new(self.lm_head.weight().clone()),
+            rope: Rope::new(&self.cfg),
+        })
+    }
+
     pub fn config(&self) -> &Phi3Config {
         &self.cfg
     }

@@ -355,3 +355,40 @@ fn keyed_lora_dropout_is_the_same_in_the_recompute_pass() {
         assert!(max_abs(&(g - p).unwrap()) <= 1e-5 * max_abs(p));
     }
 }
+
+#[test]
+fn adapters_on_a_shared_base_share_its_weights_and_match_their_own_loads() {
+    let name = "gqa_sharded";
+    let c = load(name);
+    let base_logits = c.model.logits(&c.batch, false).unwrap();
+    let mut shared = c.model.share_base().unwrap();
+    let ids = |m: &ferrotune_model::Phi3| {
+        m.frozen_weights()
+            .iter()
+            .map(|w| w.id())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&c.model),
+        ids(&shared),
+        "the weights are shared, not copied"
+    );
+    peft::load_adapter(&mut shared, &case_dir(name).join("adapter")).unwrap();
+    let mut own = load(name);
+    peft::load_adapter(&mut own.model, &case_dir(name).join("adapter")).unwrap();
+    let with_adapter = own.model.logits(&own.batch, false).unwrap();
+    let on_shared = shared.logits(&c.batch, false).unwrap();
+    assert_eq!(max_diff(&on_shared, &with_adapter, &c.real), 0.0);
+    assert!(
+        max_diff(&on_shared, &base_logits, &c.real) > 1e-3,
+        "the adapter changes the logits"
+    );
+    // The base it came from still has no adapter.
+    let again = c.model.logits(&c.batch, false).unwrap();
+    assert_eq!(max_diff(&again, &base_logits, &c.real), 0.0);
+    own.model.merge_lora().unwrap();
+    assert!(
+        own.model.share_base().is_err(),
+        "merged weights cannot be shared"
+    );
+}

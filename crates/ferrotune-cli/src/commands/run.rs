@@ -238,6 +238,7 @@ fn serve_and_score(
     std::fs::write(&request_file, request.to_string())
         .map_err(|e| Failure::runtime(format!("{}: {e}", request_file.display())))?;
     let deployment = crate::commands::serve::deployment_from(
+        &mut Default::default(),
         "demo",
         export,
         export.display().to_string(),

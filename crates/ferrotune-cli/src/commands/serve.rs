@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrotune_data::{ChatTemplate, SpecialTokens, Tokenizer};
+use ferrotune_model::loaded::LoadedModel;
 use ferrotune_registry::{Registry, VersionSpec};
 use ferrotune_serve::{engine, parse_traffic, Deployment, Endpoint, Keys, ServerOptions};
 
@@ -37,9 +38,11 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
         None => Vec::new(),
     };
     let mut deployments = Vec::new();
+    let mut bases = BaseModels::default();
     for (name, spec) in specs {
-        deployments.push(load_deployment(args, &name, &spec)?);
+        deployments.push(load_deployment(args, &mut bases, &name, &spec)?);
     }
+    drop(bases);
     let endpoint = Arc::new(
         Endpoint::new(deployments, traffic)
             .map_err(|m| Failure::usage(format!("--traffic: {m}")))?,
@@ -192,9 +195,15 @@ fn resolve_spec(args: &ServeArgs, spec: &str) -> Result<(PathBuf, String), Failu
     Ok((v.path.clone(), format!("{}:{}", v.name, v.version)))
 }
 
-fn load_deployment(args: &ServeArgs, name: &str, spec: &str) -> Result<Deployment, Failure> {
+fn load_deployment(
+    args: &ServeArgs,
+    bases: &mut BaseModels,
+    name: &str,
+    spec: &str,
+) -> Result<Deployment, Failure> {
     let (dir, label) = resolve_spec(args, spec)?;
     deployment_from(
+        bases,
         name,
         &dir,
         label,
@@ -205,8 +214,55 @@ fn load_deployment(args: &ServeArgs, name: &str, spec: &str) -> Result<Deploymen
     )
 }
 
-/// A deployment of the model in `dir` (MLflow export, HF folder or PEFT adapter).
+/// Base models loaded so far, by folder (or hub id), device and dtype: deployments of adapters
+/// on the same base (and of the base itself) share its weights instead of loading them again.
+#[derive(Default)]
+pub struct BaseModels {
+    loaded: Vec<(String, Option<String>, Option<String>, LoadedModel, String)>,
+}
+
+impl BaseModels {
+    /// A model on the weights `args.model` names (`args.adapter` is not read), sharing them
+    /// with every earlier deployment of the same base; no adapter attached.
+    fn get(&mut self, args: &ModelArgs, deployment: &str) -> Result<LoadedModel, Failure> {
+        let key = std::fs::canonicalize(&args.model)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| args.model.clone());
+        let found = self.loaded.iter().find(|(k, device, dtype, ..)| {
+            *k == key && *device == args.device && *dtype == args.dtype
+        });
+        let base = match found {
+            Some((.., base, first)) => {
+                tracing::info!(
+                    "deployment {deployment}: shares the base weights loaded for deployment {first}"
+                );
+                base
+            }
+            None => {
+                let loaded = model_args::load(args)?;
+                self.loaded.push((
+                    key,
+                    args.device.clone(),
+                    args.dtype.clone(),
+                    loaded,
+                    deployment.to_string(),
+                ));
+                &self.loaded.last().expect("just pushed").3
+            }
+        };
+        Ok(LoadedModel {
+            dir: base.dir.clone(),
+            tokenizer_dir: base.tokenizer_dir.clone(),
+            model: base.model.share_base()?,
+            stop_ids: base.stop_ids.clone(),
+        })
+    }
+}
+
+/// A deployment of the model in `dir` (MLflow export, HF folder or PEFT adapter), on a base
+/// shared through `bases`.
 pub fn deployment_from(
+    bases: &mut BaseModels,
     name: &str,
     dir: &Path,
     label: String,
@@ -235,12 +291,18 @@ pub fn deployment_from(
     } else {
         dir.display().to_string()
     };
-    let loaded = model_args::load(&ModelArgs {
-        model,
-        adapter: adapter.then(|| dir.clone()),
-        device: device.clone(),
-        dtype: dtype.clone(),
-    })?;
+    let mut loaded = bases.get(
+        &ModelArgs {
+            model,
+            adapter: None,
+            device: device.clone(),
+            dtype: dtype.clone(),
+        },
+        name,
+    )?;
+    if adapter {
+        ferrotune_model::peft::load_adapter(&mut loaded.model, &dir)?;
+    }
     let tokenizer = Tokenizer::load(&loaded.tokenizer_dir)?;
     let template = ChatTemplate::from_tokenizer_dir(
         &loaded.tokenizer_dir,
