@@ -18,6 +18,8 @@ use ferrotune_model::{Batch, Phi3, RopeScaling};
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::histogram::Histogram;
+
 /// How one request samples.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenParams {
@@ -74,8 +76,12 @@ pub struct EngineStats {
     pub decode_steps: AtomicU64,
     /// Sum of batch sizes over decode steps (mean batch = this / decode_steps).
     pub batch_rows: AtomicU64,
-    pub first_token_us_sum: AtomicU64,
-    pub first_token_count: AtomicU64,
+    /// Admission to first token.
+    pub time_to_first_token: Histogram,
+    /// Admission to the end, per finished request.
+    pub request_duration: Histogram,
+    /// First token to the last, over the tokens after the first, per request of two or more.
+    pub time_per_output_token: Histogram,
     pub finished: AtomicU64,
     pub timeouts: AtomicU64,
     pub ready: AtomicBool,
@@ -153,6 +159,7 @@ struct Row {
     last: u32,
     generated: usize,
     started: Instant,
+    first_token_at: Option<Instant>,
     /// Finished: leaves the batch at the next compaction.
     done: bool,
 }
@@ -302,6 +309,7 @@ impl Worker {
                 last: tok,
                 generated: 0,
                 started: now,
+                first_token_at: None,
                 done: false,
             });
         }
@@ -371,11 +379,10 @@ impl Worker {
                 Some(FinishReason::Stop)
             } else {
                 if row.generated == 0 {
-                    let us = now.duration_since(row.started).as_micros() as u64;
+                    row.first_token_at = Some(now);
                     self.stats
-                        .first_token_us_sum
-                        .fetch_add(us, Ordering::Relaxed);
-                    self.stats.first_token_count.fetch_add(1, Ordering::Relaxed);
+                        .time_to_first_token
+                        .observe(now.duration_since(row.started).as_secs_f64());
                 }
                 row.generated += 1;
                 self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
@@ -390,6 +397,14 @@ impl Worker {
                 }
             };
             if let Some(reason) = reason {
+                self.stats
+                    .request_duration
+                    .observe(now.duration_since(row.started).as_secs_f64());
+                if let Some(first) = row.first_token_at.filter(|_| row.generated > 1) {
+                    self.stats.time_per_output_token.observe(
+                        now.duration_since(first).as_secs_f64() / (row.generated - 1) as f64,
+                    );
+                }
                 finish(&row.req, reason, row.generated);
                 self.stats.finished.fetch_add(1, Ordering::Relaxed);
                 row.done = true;

@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod deployments;
 pub mod engine;
+pub mod histogram;
 pub mod server;
 pub mod text;
 

@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use crate::api::{invocations_job, openai_job, parse_json, score_job, ApiError, Input, Job};
 use crate::auth::Keys;
 use crate::deployments::{parse_traffic, Deployment, Endpoint};
-use crate::engine::{Event, FinishReason, GenRequest, Rejected};
+use crate::engine::{EngineStats, Event, FinishReason, GenRequest, Rejected};
+use crate::histogram::Histogram;
 use crate::text::Detokenizer;
 
 pub struct ServerOptions {
@@ -184,7 +185,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
     for ((route, status), n) in s.requests.lock().expect("metrics lock").iter() {
         out += &format!("ferrotune_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n");
     }
-    let gauges: [(&str, &str, &str); 8] = [
+    let gauges: [(&str, &str, &str); 6] = [
         ("queue_depth", "gauge", "Requests waiting for a batch slot."),
         (
             "active_sequences",
@@ -199,34 +200,44 @@ async fn metrics(State(s): State<AppState>) -> Response {
             "counter",
             "Sum of batch sizes over decode steps (mean batch = this / decode_steps_total).",
         ),
-        (
-            "time_to_first_token_seconds_sum",
-            "counter",
-            "Sum of times from admission to first token.",
-        ),
-        (
-            "time_to_first_token_seconds_count",
-            "counter",
-            "Requests that got a first token.",
-        ),
     ];
     for (name, kind, help) in gauges {
         out += &format!("# HELP ferrotune_{name} {help}\n# TYPE ferrotune_{name} {kind}\n");
         for d in &s.endpoint.deployments {
             let st = &d.engine.stats;
             let v = match name {
-                "queue_depth" => st.queued.load(Ordering::Relaxed) as f64,
-                "active_sequences" => st.active.load(Ordering::Relaxed) as f64,
-                "generated_tokens_total" => st.generated_tokens.load(Ordering::Relaxed) as f64,
-                "prompt_tokens_total" => st.prompt_tokens.load(Ordering::Relaxed) as f64,
-                "decode_steps_total" => st.decode_steps.load(Ordering::Relaxed) as f64,
-                "batch_rows_total" => st.batch_rows.load(Ordering::Relaxed) as f64,
-                "time_to_first_token_seconds_sum" => {
-                    st.first_token_us_sum.load(Ordering::Relaxed) as f64 / 1e6
-                }
-                _ => st.first_token_count.load(Ordering::Relaxed) as f64,
+                "queue_depth" => st.queued.load(Ordering::Relaxed) as u64,
+                "active_sequences" => st.active.load(Ordering::Relaxed) as u64,
+                "generated_tokens_total" => st.generated_tokens.load(Ordering::Relaxed),
+                "prompt_tokens_total" => st.prompt_tokens.load(Ordering::Relaxed),
+                "decode_steps_total" => st.decode_steps.load(Ordering::Relaxed),
+                _ => st.batch_rows.load(Ordering::Relaxed),
             };
             out += &format!("ferrotune_{name}{{deployment=\"{}\"}} {v}\n", d.name);
+        }
+    }
+    type Pick = fn(&EngineStats) -> &Histogram;
+    let histograms: [(&str, &str, Pick); 3] = [
+        (
+            "time_to_first_token_seconds",
+            "Time from admission to the first token.",
+            |st| &st.time_to_first_token,
+        ),
+        (
+            "request_duration_seconds",
+            "Time from admission to the last token, per finished request.",
+            |st| &st.request_duration,
+        ),
+        (
+            "time_per_output_token_seconds",
+            "Mean time between tokens after the first, per request of two or more tokens.",
+            |st| &st.time_per_output_token,
+        ),
+    ];
+    for (name, help, pick) in histograms {
+        out += &format!("# HELP ferrotune_{name} {help}\n# TYPE ferrotune_{name} histogram\n");
+        for d in &s.endpoint.deployments {
+            pick(&d.engine.stats).render(&format!("ferrotune_{name}"), &d.name, &mut out);
         }
     }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
