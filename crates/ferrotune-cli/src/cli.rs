@@ -247,6 +247,12 @@ pub struct ServeArgs {
     /// Requests waiting per deployment before 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
+    /// KV cache bytes per deployment (`4GiB`, `500MB`, bytes, or `none`): requests join the
+    /// batch only while its cache fits, and the youngest sequence is preempted (and resumed
+    /// later, unchanged) when the growing batch would pass it. Default: half of the memory free
+    /// on the device after loading, shared by the deployments.
+    #[arg(long, value_name = "SIZE")]
+    pub kv_cache_budget: Option<String>,
     /// Per-request limit (the source's request_timeout_ms is 90 s): 90s, 2m, 1500ms.
     #[arg(long, default_value = "90s")]
     pub request_timeout: String,

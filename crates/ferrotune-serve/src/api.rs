@@ -112,14 +112,14 @@ impl Job {
         if room == 0 {
             return Err(ApiError::bad(
                 "messages",
-                format!("the prompt is {prompt_len} tokens; the model's context is {context}"),
+                format!("the prompt is {prompt_len} tokens; this deployment serves at most {context} (the model's context, or less under its KV cache budget)"),
             ));
         }
         let max_new_tokens = match self.max_new_tokens {
             Some(n) if n > room => {
                 return Err(ApiError::bad(
                     "max_new_tokens",
-                    format!("{n} new tokens after a {prompt_len}-token prompt exceed the model's context of {context}; at most {room}"),
+                    format!("{n} new tokens after a {prompt_len}-token prompt exceed the {context} tokens this deployment serves (the model's context, or less under its KV cache budget); at most {room}"),
                 ))
             }
             Some(n) => n,

@@ -4,7 +4,14 @@
 //! cancel, deadline) leaves at the next token boundary and its cache rows are dropped at once.
 //! Every row samples with its own parameters and its own seeded generator, so a request's
 //! tokens do not depend on what else is in the batch.
+//!
+//! With a KV cache budget (bytes), a request joins only while the batch's cache (rows × longest
+//! row, left padding included) stays within it, and when the growing batch would pass it the
+//! youngest sequence is preempted: its cache rows are dropped and it waits at the head of the
+//! queue; when it fits again its prompt and the tokens it already produced are prefilled anew
+//! (recompute, as vLLM preempts) and it continues where it stopped, with its own sampler state.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -85,6 +92,15 @@ pub struct EngineStats {
     pub finished: AtomicU64,
     pub timeouts: AtomicU64,
     pub ready: AtomicBool,
+    /// Sequences moved out of the batch to keep the KV cache within its budget.
+    pub preemptions: AtomicU64,
+    /// Preempted sequences waiting to resume.
+    pub preempted_waiting: AtomicUsize,
+    /// Bytes the running batch's KV cache holds, and the most it has held.
+    pub kv_cache_bytes: AtomicU64,
+    pub kv_cache_peak_bytes: AtomicU64,
+    /// The budget in bytes (0: none).
+    pub kv_cache_budget_bytes: AtomicU64,
 }
 
 /// The sending side of an engine.
@@ -92,7 +108,8 @@ pub struct EngineStats {
 pub struct EngineHandle {
     tx: SyncSender<GenRequest>,
     pub stats: Arc<EngineStats>,
-    /// The longest prompt + new tokens a request may ask for.
+    /// The longest prompt + new tokens a request may ask for: the model's context, or less
+    /// when one sequence of that length would not fit the KV cache budget.
     pub context: usize,
 }
 
@@ -120,11 +137,33 @@ impl EngineHandle {
 }
 
 /// Start the engine thread for `model`: at most `max_batch` sequences decode together and
-/// `max_queue` wait; `stop_ids` end a sequence.
+/// `max_queue` wait; `stop_ids` end a sequence. No KV cache budget.
 pub fn start(model: Phi3, stop_ids: Vec<u32>, max_batch: usize, max_queue: usize) -> EngineHandle {
+    start_with_budget(model, stop_ids, max_batch, max_queue, None)
+}
+
+/// KV cache bytes one token of one sequence takes: keys and values of every layer.
+pub fn kv_bytes_per_token(model: &Phi3) -> u64 {
+    let c = model.config();
+    (c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * model.dtype().size_in_bytes())
+        as u64
+}
+
+/// [`start`] with the batch's KV cache kept within `kv_budget` bytes (see the module comment).
+pub fn start_with_budget(
+    model: Phi3,
+    stop_ids: Vec<u32>,
+    max_batch: usize,
+    max_queue: usize,
+    kv_budget: Option<u64>,
+) -> EngineHandle {
     let (tx, rx) = std::sync::mpsc::sync_channel(max_queue.max(1));
     let stats = Arc::new(EngineStats::default());
-    let context = match &model.config().rope_scaling {
+    let bytes_per_token = kv_bytes_per_token(&model).max(1);
+    stats
+        .kv_cache_budget_bytes
+        .store(kv_budget.unwrap_or(0), Ordering::Relaxed);
+    let model_context = match &model.config().rope_scaling {
         // Past the original context transformers re-encodes with other factors; serving stops
         // there rather than diverge from it.
         RopeScaling::LongRope {
@@ -133,8 +172,16 @@ pub fn start(model: Phi3, stop_ids: Vec<u32>, max_batch: usize, max_queue: usize
         } => *original_max_position_embeddings,
         RopeScaling::Default => model.config().max_position_embeddings,
     };
+    // One sequence alone must fit the budget, so a request that could not is refused up front.
+    let context = match kv_budget {
+        Some(b) => model_context.min((b / bytes_per_token) as usize).max(1),
+        None => model_context,
+    };
     let worker = Worker {
         context,
+        kv_budget,
+        bytes_per_token,
+        waiting: VecDeque::new(),
         model,
         stop_ids,
         max_batch: max_batch.max(1),
@@ -149,6 +196,47 @@ pub fn start(model: Phi3, stop_ids: Vec<u32>, max_batch: usize, max_queue: usize
     EngineHandle { tx, stats, context }
 }
 
+/// A sequence waiting for the batch: a new request, or one preempted from it.
+enum Pending {
+    New(GenRequest),
+    Resume(Row),
+}
+
+impl Pending {
+    fn req(&self) -> &GenRequest {
+        match self {
+            Pending::New(r) => r,
+            Pending::Resume(row) => &row.req,
+        }
+    }
+
+    /// What its prefill encodes: the prompt, and for a resumed sequence the tokens it produced
+    /// except the newest (which the next decode step feeds).
+    fn tokens(&self) -> Vec<u32> {
+        match self {
+            Pending::New(r) => r.prompt.clone(),
+            Pending::Resume(row) => {
+                let fed = row.emitted.len().saturating_sub(1);
+                [&row.req.prompt[..], &row.emitted[..fed]].concat()
+            }
+        }
+    }
+
+    fn tokens_len(&self) -> usize {
+        match self {
+            Pending::New(r) => r.prompt.len(),
+            Pending::Resume(row) => row.req.prompt.len() + row.emitted.len().saturating_sub(1),
+        }
+    }
+
+    fn generated(&self) -> usize {
+        match self {
+            Pending::New(_) => 0,
+            Pending::Resume(row) => row.generated,
+        }
+    }
+}
+
 struct Row {
     req: GenRequest,
     sampling: Sampling,
@@ -158,6 +246,8 @@ struct Row {
     next_pos: u32,
     last: u32,
     generated: usize,
+    /// The tokens handed to the caller, in order (what a preempted row re-encodes).
+    emitted: Vec<u32>,
     started: Instant,
     first_token_at: Option<Instant>,
     /// Finished: leaves the batch at the next compaction.
@@ -166,6 +256,10 @@ struct Row {
 
 struct Worker {
     context: usize,
+    kv_budget: Option<u64>,
+    bytes_per_token: u64,
+    /// Taken from the channel (or preempted) and not yet in the batch; preempted rows first.
+    waiting: VecDeque<Pending>,
     model: Phi3,
     stop_ids: Vec<u32>,
     max_batch: usize,
@@ -178,24 +272,21 @@ impl Worker {
     fn run(mut self, rx: Receiver<GenRequest>) {
         self.stats.ready.store(true, Ordering::Relaxed);
         loop {
-            let mut incoming = Vec::new();
-            if self.rows.is_empty() {
+            if self.rows.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
-                    Ok(r) => incoming.push(r),
+                    Ok(r) => self.waiting.push_back(Pending::New(r)),
                     Err(_) => return,
                 }
             }
-            while self.rows.len() + incoming.len() < self.max_batch {
+            while self.rows.len() + self.waiting.len() < self.max_batch {
                 match rx.try_recv() {
-                    Ok(r) => incoming.push(r),
+                    Ok(r) => self.waiting.push_back(Pending::New(r)),
                     Err(_) => break,
                 }
             }
-            self.stats
-                .queued
-                .fetch_sub(incoming.len(), Ordering::Relaxed);
-            if !incoming.is_empty() {
-                if let Err(e) = self.prefill(incoming) {
+            let admitted = self.admit();
+            if !admitted.is_empty() {
+                if let Err(e) = self.prefill(admitted) {
                     self.fail_all(&format!("prefill failed: {e}"));
                     continue;
                 }
@@ -203,11 +294,75 @@ impl Worker {
             if self.rows.is_empty() {
                 continue;
             }
-            if let Err(e) = self.decode() {
+            let step = self.make_room().and_then(|()| self.decode());
+            if let Err(e) = step {
                 self.fail_all(&format!("decoding failed: {e}"));
             }
             self.stats.active.store(self.rows.len(), Ordering::Relaxed);
+            let bytes = self.cache_bytes(self.rows.len(), self.cache.len());
+            self.stats.kv_cache_bytes.store(bytes, Ordering::Relaxed);
+            self.stats
+                .kv_cache_peak_bytes
+                .fetch_max(bytes, Ordering::Relaxed);
         }
+    }
+
+    fn cache_bytes(&self, rows: usize, width: usize) -> u64 {
+        rows as u64 * width as u64 * self.bytes_per_token
+    }
+
+    /// Take waiting sequences, in order, while the batch and the cache they make (through the
+    /// next decode step) stay within `max_batch` and the budget. An empty batch always takes
+    /// one: a single sequence fits by construction (`EngineHandle::context`).
+    fn admit(&mut self) -> Vec<Pending> {
+        let mut out = Vec::new();
+        let (mut rows, mut width) = (self.rows.len(), self.cache.len());
+        while rows < self.max_batch {
+            let Some(next) = self.waiting.front() else {
+                break;
+            };
+            let w = width.max(next.tokens_len());
+            let over = self
+                .kv_budget
+                .is_some_and(|b| self.cache_bytes(rows + 1, w + 1) > b);
+            if over && rows > 0 {
+                break;
+            }
+            let p = self.waiting.pop_front().expect("front exists");
+            match &p {
+                Pending::New(_) => self.stats.queued.fetch_sub(1, Ordering::Relaxed),
+                Pending::Resume(_) => self.stats.preempted_waiting.fetch_sub(1, Ordering::Relaxed),
+            };
+            out.push(p);
+            rows += 1;
+            width = w;
+        }
+        out
+    }
+
+    /// Before a decode step that would take the cache past the budget: preempt the youngest
+    /// sequences (the last admitted) until it fits or one is left.
+    fn make_room(&mut self) -> candle_core::Result<()> {
+        let Some(budget) = self.kv_budget else {
+            return Ok(());
+        };
+        while self.rows.len() > 1
+            && self.cache_bytes(self.rows.len(), self.cache.len() + 1) > budget
+        {
+            let row = self.rows.pop().expect("more than one row");
+            let keep: Vec<usize> = (0..self.rows.len()).collect();
+            self.cache = self.cache.select_rows(&keep, self.model.device())?;
+            self.trim_common_padding()?;
+            tracing::debug!(
+                "KV cache budget: preempted a sequence after {} tokens ({} rows remain)",
+                row.generated,
+                self.rows.len()
+            );
+            self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+            self.stats.preempted_waiting.fetch_add(1, Ordering::Relaxed);
+            self.waiting.push_front(Pending::Resume(row));
+        }
+        Ok(())
     }
 
     fn fail_all(&mut self, message: &str) {
@@ -219,19 +374,20 @@ impl Worker {
         self.stats.active.store(0, Ordering::Relaxed);
     }
 
-    /// Encode the new prompts in one left-padded batch, sample their first tokens, and stack
-    /// their caches onto the running batch.
-    fn prefill(&mut self, incoming: Vec<GenRequest>) -> candle_core::Result<()> {
+    /// Encode the admitted sequences in one left-padded batch, sample the first token of the
+    /// new ones, and stack their caches onto the running batch.
+    fn prefill(&mut self, incoming: Vec<Pending>) -> candle_core::Result<()> {
         let now = Instant::now();
-        let live: Vec<GenRequest> = incoming
+        let live: Vec<Pending> = incoming
             .into_iter()
-            .filter(|r| {
+            .filter(|p| {
+                let (r, generated) = (p.req(), p.generated());
                 if r.cancel.load(Ordering::Relaxed) {
-                    finish(r, FinishReason::Cancelled, 0);
+                    finish(r, FinishReason::Cancelled, generated);
                     false
                 } else if now >= r.deadline {
                     self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    finish(r, FinishReason::Timeout, 0);
+                    finish(r, FinishReason::Timeout, generated);
                     false
                 } else {
                     true
@@ -243,19 +399,16 @@ impl Worker {
         }
         let device = self.model.device().clone();
         let b = live.len();
-        let width = live
-            .iter()
-            .map(|r| r.prompt.len())
-            .max()
-            .expect("non-empty");
+        let tokens: Vec<Vec<u32>> = live.iter().map(Pending::tokens).collect();
+        let width = tokens.iter().map(Vec::len).max().expect("non-empty");
         let pad = self.model.config().pad_token_id.unwrap_or(0);
         let mut ids = Vec::with_capacity(b * width);
         let mut masks = Vec::with_capacity(b);
         let mut positions = Vec::with_capacity(b);
-        for r in &live {
-            let n_pad = width - r.prompt.len();
-            ids.extend(std::iter::repeat_n(pad, n_pad).chain(r.prompt.iter().copied()));
-            masks.push([vec![0u8; n_pad], vec![1u8; r.prompt.len()]].concat());
+        for t in &tokens {
+            let n_pad = width - t.len();
+            ids.extend(std::iter::repeat_n(pad, n_pad).chain(t.iter().copied()));
+            masks.push([vec![0u8; n_pad], vec![1u8; t.len()]].concat());
             positions.push(
                 (0..width)
                     .map(|i| i.saturating_sub(n_pad) as u32)
@@ -283,9 +436,18 @@ impl Worker {
         for row in &mut self.rows {
             row.mask.splice(0..0, std::iter::repeat_n(0, pad_old));
         }
-        let mut new_rows = Vec::with_capacity(b);
-        for ((req, mut mask), l) in live.into_iter().zip(masks).zip(logits) {
+        let mut fresh_rows = Vec::with_capacity(b);
+        for ((pending, mut mask), l) in live.into_iter().zip(masks).zip(logits) {
             mask.splice(0..0, std::iter::repeat_n(0, pad_new));
+            let req = match pending {
+                // Its newest token was sampled and handed out before it was preempted.
+                Pending::Resume(mut row) => {
+                    row.mask = mask;
+                    self.rows.push(row);
+                    continue;
+                }
+                Pending::New(req) => req,
+            };
             let sampling = Sampling {
                 max_new_tokens: req.params.max_new_tokens,
                 temperature: req.params.temperature,
@@ -300,7 +462,8 @@ impl Worker {
                 .prompt_tokens
                 .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
             let next_pos = req.prompt.len() as u32;
-            new_rows.push(Row {
+            fresh_rows.push(self.rows.len());
+            self.rows.push(Row {
                 req,
                 sampling,
                 rng,
@@ -308,14 +471,12 @@ impl Worker {
                 next_pos,
                 last: tok,
                 generated: 0,
+                emitted: Vec::new(),
                 started: now,
                 first_token_at: None,
                 done: false,
             });
         }
-        let first = self.rows.len();
-        self.rows.extend(new_rows);
-        let fresh_rows: Vec<usize> = (first..self.rows.len()).collect();
         if self.emit(&fresh_rows) {
             self.compact()?;
         }
@@ -385,6 +546,7 @@ impl Worker {
                         .observe(now.duration_since(row.started).as_secs_f64());
                 }
                 row.generated += 1;
+                row.emitted.push(row.last);
                 self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
                 if row.req.events.send(Event::Token(row.last)).is_err() {
                     Some(FinishReason::Cancelled)
@@ -436,6 +598,11 @@ impl Worker {
             }
         }
         self.rows = kept;
+        self.trim_common_padding()
+    }
+
+    /// Drop the cache columns that are padding in every row.
+    fn trim_common_padding(&mut self) -> candle_core::Result<()> {
         let common = self
             .rows
             .iter()

@@ -185,7 +185,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
     for ((route, status), n) in s.requests.lock().expect("metrics lock").iter() {
         out += &format!("ferrotune_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}\n");
     }
-    let gauges: [(&str, &str, &str); 6] = [
+    let gauges: [(&str, &str, &str); 11] = [
         ("queue_depth", "gauge", "Requests waiting for a batch slot."),
         (
             "active_sequences",
@@ -200,6 +200,31 @@ async fn metrics(State(s): State<AppState>) -> Response {
             "counter",
             "Sum of batch sizes over decode steps (mean batch = this / decode_steps_total).",
         ),
+        (
+            "kv_cache_bytes",
+            "gauge",
+            "Bytes the running batch's KV cache holds.",
+        ),
+        (
+            "kv_cache_peak_bytes",
+            "gauge",
+            "The most bytes the KV cache has held.",
+        ),
+        (
+            "kv_cache_budget_bytes",
+            "gauge",
+            "The KV cache budget (0: none).",
+        ),
+        (
+            "preemptions_total",
+            "counter",
+            "Sequences preempted to keep the KV cache within its budget.",
+        ),
+        (
+            "preempted_waiting",
+            "gauge",
+            "Preempted sequences waiting to resume.",
+        ),
     ];
     for (name, kind, help) in gauges {
         out += &format!("# HELP ferrotune_{name} {help}\n# TYPE ferrotune_{name} {kind}\n");
@@ -211,7 +236,12 @@ async fn metrics(State(s): State<AppState>) -> Response {
                 "generated_tokens_total" => st.generated_tokens.load(Ordering::Relaxed),
                 "prompt_tokens_total" => st.prompt_tokens.load(Ordering::Relaxed),
                 "decode_steps_total" => st.decode_steps.load(Ordering::Relaxed),
-                _ => st.batch_rows.load(Ordering::Relaxed),
+                "batch_rows_total" => st.batch_rows.load(Ordering::Relaxed),
+                "kv_cache_bytes" => st.kv_cache_bytes.load(Ordering::Relaxed),
+                "kv_cache_peak_bytes" => st.kv_cache_peak_bytes.load(Ordering::Relaxed),
+                "kv_cache_budget_bytes" => st.kv_cache_budget_bytes.load(Ordering::Relaxed),
+                "preemptions_total" => st.preemptions.load(Ordering::Relaxed),
+                _ => st.preempted_waiting.load(Ordering::Relaxed) as u64,
             };
             out += &format!("ferrotune_{name}{{deployment=\"{}\"}} {v}\n", d.name);
         }

@@ -206,12 +206,18 @@ fn concurrent_requests_batch_and_answer_as_generate_does() {
         .contains("ferrotune_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 18"));
     // Latency histograms: every finished request observed once; buckets cumulative to +Inf.
     let finished = value("ferrotune_request_duration_seconds_count");
-    assert!(finished >= 18.0, "{finished} requests in the duration histogram");
+    assert!(
+        finished >= 18.0,
+        "{finished} requests in the duration histogram"
+    );
     assert_eq!(
         value("ferrotune_request_duration_seconds_bucket{deployment=\"demo\",le=\"+Inf\"}"),
         finished
     );
-    assert_eq!(value("ferrotune_time_to_first_token_seconds_count"), finished);
+    assert_eq!(
+        value("ferrotune_time_to_first_token_seconds_count"),
+        finished
+    );
     assert!(metrics.contains("# TYPE ferrotune_time_per_output_token_seconds histogram"));
     assert!(value("ferrotune_time_per_output_token_seconds_sum") > 0.0);
 

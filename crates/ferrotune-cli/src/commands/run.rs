@@ -242,10 +242,13 @@ fn serve_and_score(
         "demo",
         export,
         export.display().to_string(),
-        &Some("cpu".into()),
-        &Some("f32".into()),
-        8,
-        16,
+        &crate::commands::serve::DeploymentOptions {
+            device: Some("cpu".into()),
+            dtype: Some("f32".into()),
+            max_batch: 8,
+            max_queue: 16,
+            kv_budget: crate::commands::serve::KvBudget::Default,
+        },
     )?;
     let endpoint = std::sync::Arc::new(
         ferrotune_serve::Endpoint::new(vec![deployment], Vec::new()).map_err(Failure::runtime)?,

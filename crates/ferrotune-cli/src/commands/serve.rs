@@ -37,10 +37,30 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
         Some(t) => parse_traffic(t).map_err(|m| Failure::usage(format!("--traffic: {m}")))?,
         None => Vec::new(),
     };
+    let kv_budget = match args.kv_cache_budget.as_deref() {
+        None => KvBudget::Default,
+        Some("none") => KvBudget::Unlimited,
+        Some(text) => {
+            KvBudget::Bytes(crate::commands::export::parse_size(text).ok_or_else(|| {
+                Failure::usage(format!(
+                    "--kv-cache-budget {text}: expected a size such as 4GiB or 500MB, or none"
+                ))
+            })?)
+        }
+    };
     let mut deployments = Vec::new();
     let mut bases = BaseModels::default();
-    for (name, spec) in specs {
-        deployments.push(load_deployment(args, &mut bases, &name, &spec)?);
+    let count = specs.len();
+    for (i, (name, spec)) in specs.into_iter().enumerate() {
+        let (dir, label) = resolve_spec(args, &spec)?;
+        let options = DeploymentOptions {
+            device: args.device.clone(),
+            dtype: args.dtype.clone(),
+            max_batch: args.max_concurrency,
+            max_queue: args.max_queue,
+            kv_budget: kv_budget.share(count - i),
+        };
+        deployments.push(deployment_from(&mut bases, &name, &dir, label, &options)?);
     }
     drop(bases);
     let endpoint = Arc::new(
@@ -195,59 +215,91 @@ fn resolve_spec(args: &ServeArgs, spec: &str) -> Result<(PathBuf, String), Failu
     Ok((v.path.clone(), format!("{}:{}", v.name, v.version)))
 }
 
-fn load_deployment(
-    args: &ServeArgs,
-    bases: &mut BaseModels,
-    name: &str,
-    spec: &str,
-) -> Result<Deployment, Failure> {
-    let (dir, label) = resolve_spec(args, spec)?;
-    deployment_from(
-        bases,
-        name,
-        &dir,
-        label,
-        &args.device,
-        &args.dtype,
-        args.max_concurrency,
-        args.max_queue,
-    )
+/// How much KV cache each deployment's batch may hold.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvBudget {
+    /// Half of the memory free after loading (for one deployment).
+    Default,
+    Unlimited,
+    Bytes(u64),
+    /// [`KvBudget::Default`] for one of `n` deployments left to load.
+    ShareOfFree(usize),
+}
+
+impl KvBudget {
+    /// The budget of one deployment when `left` (this one included) remain to be loaded.
+    fn share(self, left: usize) -> KvBudget {
+        match self {
+            KvBudget::Default => KvBudget::ShareOfFree(left.max(1)),
+            other => other,
+        }
+    }
+
+    /// Bytes for a deployment on `device`, read after its model loaded.
+    fn bytes(self, device: &candle_core::Device) -> Option<u64> {
+        match self {
+            KvBudget::Unlimited => None,
+            KvBudget::Bytes(b) => Some(b),
+            KvBudget::Default => KvBudget::ShareOfFree(1).bytes(device),
+            KvBudget::ShareOfFree(n) => {
+                ferrotune_model::device_memory::capacity(device).map(|c| c.free / 2 / n as u64)
+            }
+        }
+    }
+}
+
+/// How a deployment runs: device and dtype (`--device`, `--dtype`), its batch, queue and KV
+/// cache budget.
+pub struct DeploymentOptions {
+    pub device: Option<String>,
+    pub dtype: Option<String>,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub kv_budget: KvBudget,
+}
+
+/// One base model loaded, and where from.
+struct Base {
+    /// Canonical folder (or hub id), device and dtype.
+    key: (String, Option<String>, Option<String>),
+    loaded: LoadedModel,
+    /// The deployment it was loaded for.
+    first: String,
 }
 
 /// Base models loaded so far, by folder (or hub id), device and dtype: deployments of adapters
 /// on the same base (and of the base itself) share its weights instead of loading them again.
 #[derive(Default)]
 pub struct BaseModels {
-    loaded: Vec<(String, Option<String>, Option<String>, LoadedModel, String)>,
+    loaded: Vec<Base>,
 }
 
 impl BaseModels {
     /// A model on the weights `args.model` names (`args.adapter` is not read), sharing them
     /// with every earlier deployment of the same base; no adapter attached.
     fn get(&mut self, args: &ModelArgs, deployment: &str) -> Result<LoadedModel, Failure> {
-        let key = std::fs::canonicalize(&args.model)
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| args.model.clone());
-        let found = self.loaded.iter().find(|(k, device, dtype, ..)| {
-            *k == key && *device == args.device && *dtype == args.dtype
-        });
-        let base = match found {
-            Some((.., base, first)) => {
+        let key = (
+            std::fs::canonicalize(&args.model)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| args.model.clone()),
+            args.device.clone(),
+            args.dtype.clone(),
+        );
+        let base = match self.loaded.iter().position(|b| b.key == key) {
+            Some(i) => {
                 tracing::info!(
-                    "deployment {deployment}: shares the base weights loaded for deployment {first}"
+                    "deployment {deployment}: shares the base weights loaded for deployment {}",
+                    self.loaded[i].first
                 );
-                base
+                &self.loaded[i].loaded
             }
             None => {
-                let loaded = model_args::load(args)?;
-                self.loaded.push((
+                self.loaded.push(Base {
                     key,
-                    args.device.clone(),
-                    args.dtype.clone(),
-                    loaded,
-                    deployment.to_string(),
-                ));
-                &self.loaded.last().expect("just pushed").3
+                    loaded: model_args::load(args)?,
+                    first: deployment.to_string(),
+                });
+                &self.loaded.last().expect("just pushed").loaded
             }
         };
         Ok(LoadedModel {
@@ -266,10 +318,7 @@ pub fn deployment_from(
     name: &str,
     dir: &Path,
     label: String,
-    device: &Option<String>,
-    dtype: &Option<String>,
-    max_batch: usize,
-    max_queue: usize,
+    options: &DeploymentOptions,
 ) -> Result<Deployment, Failure> {
     let dir = dir.to_path_buf();
     let adapter = dir.join("adapter_config.json").is_file();
@@ -295,8 +344,8 @@ pub fn deployment_from(
         &ModelArgs {
             model,
             adapter: None,
-            device: device.clone(),
-            dtype: dtype.clone(),
+            device: options.device.clone(),
+            dtype: options.dtype.clone(),
         },
         name,
     )?;
@@ -314,7 +363,24 @@ pub fn deployment_from(
         loaded.model.dtype(),
         loaded.model.device()
     );
-    let engine = engine::start(loaded.model, loaded.stop_ids, max_batch, max_queue);
+    let budget = options.kv_budget.bytes(loaded.model.device());
+    let per_token = engine::kv_bytes_per_token(&loaded.model);
+    match budget {
+        Some(b) => tracing::info!(
+            "deployment {name}: KV cache budget {:.1} MiB ({} tokens of {} bytes)",
+            b as f64 / (1u64 << 20) as f64,
+            b / per_token.max(1),
+            per_token
+        ),
+        None => tracing::info!("deployment {name}: no KV cache budget"),
+    }
+    let engine = engine::start_with_budget(
+        loaded.model,
+        loaded.stop_ids,
+        options.max_batch,
+        options.max_queue,
+        budget,
+    );
     Ok(Deployment {
         name: name.to_string(),
         model: label,
