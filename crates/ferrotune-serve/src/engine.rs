@@ -22,6 +22,7 @@ use ferrotune_model::generate::{pick, Rng, Sampling};
 use ferrotune_model::mask::AttentionLayout;
 use ferrotune_model::phi3::KvCache;
 use ferrotune_model::{Batch, Phi3, RopeScaling};
+use rayon::prelude::*;
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -513,10 +514,15 @@ impl Worker {
             .to_vec2::<f32>()?;
         self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
         self.stats.batch_rows.fetch_add(b as u64, Ordering::Relaxed);
-        for (row, l) in self.rows.iter_mut().zip(&logits) {
-            row.next_pos += 1;
-            row.last = pick(l, &row.sampling, &mut row.rng);
-        }
+        // Rows sample in parallel: each has its own generator, so the draws do not depend on
+        // the threads.
+        self.rows
+            .par_iter_mut()
+            .zip(logits.par_iter())
+            .for_each(|(row, l)| {
+                row.next_pos += 1;
+                row.last = pick(l, &row.sampling, &mut row.rng);
+            });
         let all: Vec<usize> = (0..b).collect();
         if self.emit(&all) {
             self.compact()?;
