@@ -44,10 +44,62 @@ pub struct Batch {
     pub attention_bias: Tensor,
 }
 
-/// Keys and values seen so far, per layer: `[b, kv_heads, T, head_dim]` after RoPE.
-#[derive(Default, Clone)]
+/// Keys and values seen so far, per layer: `[b, kv_heads, T, head_dim]` after RoPE, in buffers
+/// with room to grow so a decode step writes its column in place instead of copying the cache.
+#[derive(Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+/// One layer's buffers `[b, kv_heads, capacity, head_dim]`, the first `len` columns filled.
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Columns added past what is needed whenever a buffer grows: a quarter more, at least 32,
+    /// so decoding copies the cache once per many tokens.
+    fn headroom(len: usize) -> usize {
+        (len / 4).max(32)
+    }
+
+    /// `k`, `v` `[b, kv_heads, len, head_dim]` with `extra` empty columns after them.
+    fn with_room(k: &Tensor, v: &Tensor, extra: usize) -> Result<LayerCache> {
+        let grow = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, _, d) = t.dims4()?;
+            let room = Tensor::zeros((b, h, extra, d), t.dtype(), t.device())?;
+            Tensor::cat(&[t, &room], 2)
+        };
+        Ok(LayerCache {
+            len: k.dim(2)?,
+            k: grow(k)?,
+            v: grow(v)?,
+        })
+    }
+
+    fn keys(&self) -> Result<Tensor> {
+        self.k.narrow(2, 0, self.len)
+    }
+
+    fn values(&self) -> Result<Tensor> {
+        self.v.narrow(2, 0, self.len)
+    }
+
+    /// New columns `[b, kv_heads, t, head_dim]` after the filled ones.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let t = k.dim(2)?;
+        let need = self.len + t;
+        if need > self.k.dim(2)? {
+            *self =
+                LayerCache::with_room(&self.keys()?, &self.values()?, t + Self::headroom(need))?;
+        }
+        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = need;
+        Ok(())
+    }
 }
 
 impl KvCache {
@@ -56,7 +108,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+            .map_or(0, |c| c.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,15 +120,20 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(0).unwrap_or(0))
+            .map_or(0, |c| c.k.dim(0).unwrap_or(0))
     }
 
+    /// Every layer's filled keys and values through `f`, into buffers with room to grow.
     fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<KvCache> {
         let layers = self
             .layers
             .iter()
             .map(|l| match l {
-                Some((k, v)) => Ok(Some((f(k)?, f(v)?))),
+                Some(c) => {
+                    let (k, v) = (f(&c.keys()?)?, f(&c.values()?)?);
+                    let extra = LayerCache::headroom(k.dim(2)?);
+                    Ok(Some(LayerCache::with_room(&k, &v, extra)?))
+                }
                 None => Ok(None),
             })
             .collect::<Result<_>>()?;
@@ -90,15 +147,15 @@ impl KvCache {
             rows.len(),
             device,
         )?;
-        self.map(|t| t.index_select(&idx, 0))
+        self.map(|t| t.contiguous()?.index_select(&idx, 0))
     }
 
     /// `n` zero columns before every row's entries: the caller masks them as padding.
     pub fn pad_left(&self, n: usize) -> Result<KvCache> {
-        if n == 0 {
-            return Ok(self.clone());
-        }
         self.map(|t| {
+            if n == 0 {
+                return Ok(t.clone());
+            }
             let (b, h, _, d) = t.dims4()?;
             let zeros = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
             Tensor::cat(&[&zeros, t], 2)
@@ -108,27 +165,46 @@ impl KvCache {
     /// Without the first `n` columns (padding every row has).
     pub fn trim_left(&self, n: usize) -> Result<KvCache> {
         let len = self.len();
-        self.map(|t| t.narrow(2, n, len - n)?.contiguous())
+        self.map(|t| t.narrow(2, n, len - n))
     }
 
     /// The rows of `a` then of `b`, the shorter left-padded to the longer; returns the padding
     /// columns added to `a`'s rows and to `b`'s.
-    pub fn stack(a: &KvCache, b: &KvCache) -> Result<(KvCache, usize, usize)> {
+    pub fn stack(a: &KvCache, b: KvCache) -> Result<(KvCache, usize, usize)> {
         if a.is_empty() {
-            return Ok((b.clone(), 0, 0));
+            return Ok((b, 0, 0));
         }
         let (la, lb) = (a.len(), b.len());
         let (pa, pb) = (lb.saturating_sub(la), la.saturating_sub(lb));
-        let (a, b) = (a.pad_left(pa)?, b.pad_left(pb)?);
+        let pad = |c: &KvCache, n: usize| -> Result<Vec<Option<(Tensor, Tensor)>>> {
+            c.layers
+                .iter()
+                .map(|l| match l {
+                    Some(c) => {
+                        let side = |t: Tensor| -> Result<Tensor> {
+                            if n == 0 {
+                                return Ok(t);
+                            }
+                            let (b, h, _, d) = t.dims4()?;
+                            let zeros = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
+                            Tensor::cat(&[&zeros, &t], 2)
+                        };
+                        Ok(Some((side(c.keys()?)?, side(c.values()?)?)))
+                    }
+                    None => Ok(None),
+                })
+                .collect()
+        };
+        let (a, b) = (pad(a, pa)?, pad(&b, pb)?);
         let layers = a
-            .layers
             .iter()
-            .zip(&b.layers)
+            .zip(&b)
             .map(|(x, y)| match (x, y) {
-                (Some((ka, va)), Some((kb, vb))) => Ok(Some((
-                    Tensor::cat(&[ka, kb], 0)?,
-                    Tensor::cat(&[va, vb], 0)?,
-                ))),
+                (Some((ka, va)), Some((kb, vb))) => {
+                    let (k, v) = (Tensor::cat(&[ka, kb], 0)?, Tensor::cat(&[va, vb], 0)?);
+                    let extra = LayerCache::headroom(k.dim(2)?);
+                    Ok(Some(LayerCache::with_room(&k, &v, extra)?))
+                }
                 _ => Ok(None),
             })
             .collect::<Result<_>>()?;
@@ -538,7 +614,7 @@ impl DecoderLayer {
         bias: &Tensor,
         cfg: &Phi3Config,
         train: bool,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps)?;
         let x = (x + self.attention(&h, cos, sin, bias, cfg, train, cache)?)?;
@@ -556,7 +632,7 @@ impl DecoderLayer {
         bias: &Tensor,
         cfg: &Phi3Config,
         train: bool,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<LayerCache>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
@@ -577,12 +653,18 @@ impl DecoderLayer {
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
+                let layer = match slot {
+                    Some(c) => {
+                        c.append(&k, &v)?;
+                        c
+                    }
+                    None => slot.insert(LayerCache::with_room(
+                        &k,
+                        &v,
+                        LayerCache::headroom(k.dim(2)?),
+                    )?),
                 };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
+                (layer.keys()?, layer.values()?)
             }
         };
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);

@@ -432,7 +432,7 @@ impl Worker {
             .step(&batch, &mut fresh)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
-        let (stacked, pad_old, pad_new) = KvCache::stack(&self.cache, &fresh)?;
+        let (stacked, pad_old, pad_new) = KvCache::stack(&self.cache, fresh)?;
         self.cache = stacked;
         for row in &mut self.rows {
             row.mask.splice(0..0, std::iter::repeat_n(0, pad_old));
