@@ -10,11 +10,9 @@
 //! and holds at most three score-sized buffers. Elsewhere (CUDA, f16/bf16, inference) the
 //! composed path is used.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use crate::cpu_rows::f32_rows;
-use crate::softmax::{attention_probs, scaled_masked_softmax};
+use crate::softmax::{attention_probs, scaled_masked_softmax, SoftmaxGrad};
 
 /// `softmax(scale · q·kᵀ + bias) · v` for `q` `[b, h, tq, d]`, `k`/`v` `[b, h, tk, d]` (heads
 /// already repeated for GQA) and an f32 `bias` `[b, 1, tq, tk]`; `[b, h, tq, d]` out.
@@ -78,7 +76,7 @@ impl CustomOp3 for AttentionBackward {
         let dprobs = g.matmul(&v.t()?)?;
         let dscores = probs.apply_op2_no_bwd(
             &dprobs.contiguous()?,
-            &ScaledSoftmaxGrad {
+            &SoftmaxGrad {
                 scale: self.scale as f32,
             },
         )?;
@@ -89,54 +87,11 @@ impl CustomOp3 for AttentionBackward {
     }
 }
 
-/// `dx = (y ⊙ (g − Σ g⊙y)) · scale` per row: the softmax backward and the scores' scale in one
-/// pass (rounded as the softmax gradient followed by `affine(scale, 0)`).
-struct ScaledSoftmaxGrad {
-    scale: f32,
-}
-
-impl CustomOp2 for ScaledSoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "scaled-softmax-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (y, d) = f32_rows(s1, l1, self.name())?;
-        let (g, _) = f32_rows(s2, l2, self.name())?;
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(d)
-            .zip(y.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(dx, (y, g))| {
-                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
-                for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
-                    *dx = (y * (g - dot)) * self.scale;
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_rows::check::max_abs_diff;
     use candle_core::{Device, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Fused and composed attention agree in output and in the gradients of q, k and v, with a
     /// causal mask, uneven sizes and a query block shorter than the keys.

@@ -61,7 +61,8 @@ pub(crate) fn row_nll_grad_in_place(row: &mut [f32], target: u32, g: f32) {
 pub(crate) mod check {
     use candle_core::{Device, Result, Tensor, Var};
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// `max |a − b|` over all elements.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()

@@ -134,6 +134,7 @@ impl CustomOp1 for HeadLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_rows::check::max_abs_diff;
     use crate::loss::causal_lm_loss_sum;
     use candle_core::Var;
 
@@ -165,26 +166,12 @@ mod tests {
             ga.get(hidden.as_tensor()).unwrap(),
             gc.get(hidden.as_tensor()).unwrap(),
         );
-        let diff = (ga - gc)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(ga, gc);
         assert!(diff <= 1e-5, "hidden gradient differs by {diff}");
         // The gradient kept from the forward is used once; a second backward forms it again.
         let again = got.sum.affine(0.3, 0.0).unwrap().backward().unwrap();
         let again = again.get(hidden.as_tensor()).unwrap();
-        let diff = (again - ga)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(again, ga);
         assert_eq!(diff, 0.0, "second backward differs by {diff}");
         // Without a graph the loss is the same and no gradient is formed.
         let detached = crate::loss::head_loss_sum(&hidden.as_tensor().detach(), &weight, &labels)

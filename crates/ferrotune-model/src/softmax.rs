@@ -86,8 +86,8 @@ impl CustomOp1 for ScaledMaskedSoftmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let d = res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?;
-        Ok(Some(d.affine(f64::from(self.scale), 0.0)?))
+        let grad = SoftmaxGrad { scale: self.scale };
+        Ok(Some(res.apply_op2_no_bwd(&grad_res.contiguous()?, &grad)?))
     }
 }
 
@@ -117,14 +117,19 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            res.apply_op2_no_bwd(&grad_res.contiguous()?, &SoftmaxGrad)?,
-        ))
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &SoftmaxGrad { scale: 1.0 },
+        )?))
     }
 }
 
-/// `dx = y ⊙ (g − Σ g⊙y)` per row.
-struct SoftmaxGrad;
+/// `dx = (y ⊙ (g − Σ g⊙y)) · scale` per row: the softmax backward, and with `scale` the
+/// backward of the scores' scaling in the same pass (rounded as the product followed by
+/// `affine(scale, 0)`; with 1 exactly the plain softmax backward).
+pub(crate) struct SoftmaxGrad {
+    pub scale: f32,
+}
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -146,7 +151,7 @@ impl CustomOp2 for SoftmaxGrad {
             .for_each(|(dx, (y, g))| {
                 let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
                 for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
-                    *dx = y * (g - dot);
+                    *dx = (y * (g - dot)) * self.scale;
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))

@@ -2,52 +2,27 @@
 //! are preempted and resumed, and every request still gets exactly the tokens it gets alone,
 //! greedy or sampled with a seed, while the cache never exceeds the budget.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
-use ferrotune_data::{ChatTemplate, Message, Role, SpecialTokens, Tokenizer};
-use ferrotune_model::loaded::load_model;
 use ferrotune_serve::engine::{self, EngineHandle, Event, GenParams, GenRequest};
 
-const QUESTIONS: [&str; 6] = [
-    "What is the capital of France?",
-    "Say hello.",
-    "What colour is the sky?",
-    "What is 12 + 30?",
-    "Name a prime number.",
-    "What is the capital of Peru?",
-];
+mod common;
+use common::{chat_parts, prompt_ids, QUESTIONS};
+
 const NEW_TOKENS: usize = 40;
 
 fn prompts() -> Vec<Vec<u32>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny_phi3_chat");
-    let tokenizer = Tokenizer::load(&dir).unwrap();
-    let template =
-        ChatTemplate::from_tokenizer_dir(&dir, SpecialTokens::from_tokenizer_dir(&dir).unwrap())
-            .unwrap();
+    let (_, tokenizer, template) = chat_parts();
     QUESTIONS
         .iter()
-        .map(|q| {
-            let text = template
-                .render(
-                    &[Message {
-                        role: Role::User,
-                        content: q.to_string(),
-                    }],
-                    true,
-                )
-                .unwrap();
-            tokenizer.encode(&text).unwrap().ids
-        })
+        .map(|q| prompt_ids(&tokenizer, &template, q))
         .collect()
 }
 
 fn engine(budget_tokens: Option<usize>) -> EngineHandle {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny_phi3_chat");
-    let loaded = load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let (loaded, ..) = chat_parts();
     let per_token = engine::kv_bytes_per_token(&loaded.model);
     // No stop tokens: every sequence runs its full length, so the cache keeps growing.
     engine::start_with_budget(

@@ -1,39 +1,19 @@
 //! The server on the tiny chat fixture, in-process on a free port: batching gives the answers
 //! `generate` gives, streaming, auth, limits, timeouts, validation and traffic.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
-use ferrotune_data::{ChatTemplate, Message, Role, SpecialTokens, Tokenizer};
 use ferrotune_model::generate::{generate, Sampling};
-use ferrotune_model::loaded::load_model;
 use ferrotune_serve::{engine, Deployment, Endpoint, Keys, ServerOptions};
-use serde_json::{json, Value};
 
-fn chat_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny_phi3_chat")
-}
+mod common;
+use common::{chat_model, chat_parts, prompt_ids, QUESTIONS};
+use serde_json::{json, Value};
 
 const KEY: &str = "0123456789abcdef-primary";
 const SECOND: &str = "0123456789abcdef-secondary";
-
-/// The tiny chat model, its tokenizer and chat template.
-fn chat_parts() -> (
-    ferrotune_model::loaded::LoadedModel,
-    Tokenizer,
-    ChatTemplate,
-) {
-    let dir = chat_model();
-    let loaded = load_model(dir.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let tokenizer = Tokenizer::load(&dir).unwrap();
-    let template =
-        ChatTemplate::from_tokenizer_dir(&dir, SpecialTokens::from_tokenizer_dir(&dir).unwrap())
-            .unwrap();
-    (loaded, tokenizer, template)
-}
 
 fn deployment(name: &str, max_batch: usize, max_queue: usize) -> Deployment {
     let dir = chat_model();
@@ -103,31 +83,13 @@ fn post(url: &str, body: &Value, key: Option<&str>) -> (u16, Value, reqwest::hea
     )
 }
 
-const QUESTIONS: [&str; 6] = [
-    "What is the capital of France?",
-    "Which city is the capital of Japan?",
-    "Reverse the word 'river'.",
-    "What is 12 + 30?",
-    "Name a prime number.",
-    "What is the capital of Peru?",
-];
-
 /// Greedy answers from the model crate's `generate`, one prompt at a time.
 fn reference_answers(max_new: usize) -> Vec<String> {
     let (loaded, tokenizer, template) = chat_parts();
     QUESTIONS
         .iter()
         .map(|q| {
-            let text = template
-                .render(
-                    &[Message {
-                        role: Role::User,
-                        content: q.to_string(),
-                    }],
-                    true,
-                )
-                .unwrap();
-            let ids = tokenizer.encode(&text).unwrap().ids;
+            let ids = prompt_ids(&tokenizer, &template, q);
             let s = Sampling {
                 max_new_tokens: max_new,
                 stop_ids: loaded.stop_ids.clone(),
