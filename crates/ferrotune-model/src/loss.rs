@@ -232,14 +232,7 @@ mod tests {
             .get(logits.as_tensor())
             .unwrap()
             .clone();
-        let diff = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::cpu_rows::check::max_abs_diff(&ga, &gb);
         assert!(diff <= 1e-6, "gradient differs by {diff}");
     }
 }
