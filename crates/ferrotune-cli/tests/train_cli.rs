@@ -375,6 +375,13 @@ fn plan_gives_a_verdict_for_gpus_and_azure_sizes() {
         .assert()
         .code(2)
         .stderr(contains("K80"));
+    // No GPU named: the plan is for this machine's CPU, checked against its available memory.
+    if std::path::Path::new("/proc/meminfo").exists() {
+        let v = json_ok(ferrotune().args(["plan", "--json", "--config"]).arg(&cfg));
+        assert_eq!(v["target"], Value::Null);
+        assert_eq!(v["host_verdict"]["fits"], true, "{v}");
+        assert_eq!(v["host_verdict"]["needed_bytes"], v["plan"]["total"]);
+    }
 }
 
 #[test]

@@ -73,12 +73,20 @@ pub fn run(args: &PlanArgs, json_out: bool) -> Result<(), Failure> {
             .map(|t| t.gpus_per_node)
     });
     let parallel = ranks.map(|n| plan::data_parallel(&estimate, n));
+    // Without a GPU named, the plan is for this machine's CPU: checked against the memory
+    // available now, as `train` checks it before it starts.
+    let available = target
+        .is_none()
+        .then(|| ferrotune_model::device_memory::capacity(&candle_core::Device::Cpu))
+        .flatten();
+    let host_verdict = available.map(|c| plan::verdict(&input, c.free));
     if json_out {
         println!(
             "{}",
             json!({"plan": on_device.as_ref().unwrap_or(&estimate), "target": target, "verdict": verdict,
                    "micro_batch": input.micro_batch, "seq_len": input.seq_len, "recompute": input.recompute,
-                   "dtype_bytes": input.dtype_bytes, "note": bf16_note, "data_parallel": parallel})
+                   "dtype_bytes": input.dtype_bytes, "note": bf16_note, "data_parallel": parallel,
+                   "host_verdict": host_verdict})
         );
         return Ok(());
     }
@@ -119,6 +127,17 @@ pub fn run(args: &PlanArgs, json_out: bool) -> Result<(), Failure> {
         if !input.recompute && !v.fits {
             println!("  try gradient_checkpointing: true (per-layer recompute)");
         }
+    }
+    if let (Some(c), Some(v)) = (available, &host_verdict) {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        println!(
+            "this machine (CPU, {:.2} GiB available of {:.2} GiB): {} — needs {:.2} GiB of {:.2} GiB usable",
+            gib(c.free),
+            gib(c.total),
+            if v.fits { "FITS" } else { "DOES NOT FIT" },
+            gib(v.needed_bytes),
+            gib(v.usable_bytes)
+        );
     }
     if let Some(n) = bf16_note {
         println!("  note: {n}");
