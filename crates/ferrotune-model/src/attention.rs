@@ -10,6 +10,8 @@
 //! and holds at most three score-sized buffers. Elsewhere (CUDA, f16/bf16, inference) the
 //! composed path is used.
 
+use std::sync::Mutex;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::softmax::{attention_probs, scaled_masked_softmax, SoftmaxGrad};
@@ -23,7 +25,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
         let op = AttentionBackward {
             bias: bias.clone(),
             scale,
-            out,
+            out: Mutex::new(Some(out)),
         };
         return q.apply_op3(k, v, op);
     }
@@ -39,7 +41,8 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Res
 struct AttentionBackward {
     bias: Tensor,
     scale: f64,
-    out: Tensor,
+    /// Handed over (and released) by `cpu_fwd`, so the graph holds one copy of the output.
+    out: Mutex<Option<Tensor>>,
 }
 
 impl CustomOp3 for AttentionBackward {
@@ -56,8 +59,11 @@ impl CustomOp3 for AttentionBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self.out.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(out), self.out.shape().clone()))
+        let Some(out) = self.out.lock().expect("attention output lock").take() else {
+            candle_core::bail!("attention: the output was already handed over");
+        };
+        let shape = out.shape().clone();
+        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1::<f32>()?), shape))
     }
 
     fn bwd(
