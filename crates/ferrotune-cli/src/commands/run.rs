@@ -247,7 +247,7 @@ fn serve_and_score(
             dtype: Some("f32".into()),
             max_batch: 8,
             max_queue: 16,
-            kv_budget: crate::commands::serve::KvBudget::Default,
+            kv_budget: crate::commands::serve::KvBudget::HalfOfFree { shared_by: 1 },
         },
     )?;
     let endpoint = std::sync::Arc::new(

@@ -37,16 +37,17 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
         Some(t) => parse_traffic(t).map_err(|m| Failure::usage(format!("--traffic: {m}")))?,
         None => Vec::new(),
     };
+    // `None`: the default, a share of the memory free after each deployment loads.
     let kv_budget = match args.kv_cache_budget.as_deref() {
-        None => KvBudget::Default,
-        Some("none") => KvBudget::Unlimited,
-        Some(text) => {
-            KvBudget::Bytes(crate::commands::export::parse_size(text).ok_or_else(|| {
+        None => None,
+        Some("none") => Some(KvBudget::Unlimited),
+        Some(text) => Some(KvBudget::Bytes(
+            crate::commands::export::parse_size(text).ok_or_else(|| {
                 Failure::usage(format!(
                     "--kv-cache-budget {text}: expected a size such as 4GiB or 500MB, or none"
                 ))
-            })?)
-        }
+            })?,
+        )),
     };
     let mut deployments = Vec::new();
     let mut bases = BaseModels::default();
@@ -58,7 +59,10 @@ pub fn run(args: &ServeArgs) -> Result<(), Failure> {
             dtype: args.dtype.clone(),
             max_batch: args.max_concurrency,
             max_queue: args.max_queue,
-            kv_budget: kv_budget.share(count - i),
+            // Half of what is free, split among this deployment and those still to load.
+            kv_budget: kv_budget.unwrap_or(KvBudget::HalfOfFree {
+                shared_by: count - i,
+            }),
         };
         deployments.push(deployment_from(&mut bases, &name, &dir, label, &options)?);
     }
@@ -218,32 +222,23 @@ fn resolve_spec(args: &ServeArgs, spec: &str) -> Result<(PathBuf, String), Failu
 /// How much KV cache each deployment's batch may hold.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum KvBudget {
-    /// Half of the memory free after loading (for one deployment).
-    Default,
     Unlimited,
     Bytes(u64),
-    /// [`KvBudget::Default`] for one of `n` deployments left to load.
-    ShareOfFree(usize),
+    /// Half of the memory free on the device once the deployment's model loaded, divided by
+    /// `shared_by` (the default).
+    HalfOfFree {
+        shared_by: usize,
+    },
 }
 
 impl KvBudget {
-    /// The budget of one deployment when `left` (this one included) remain to be loaded.
-    fn share(self, left: usize) -> KvBudget {
-        match self {
-            KvBudget::Default => KvBudget::ShareOfFree(left.max(1)),
-            other => other,
-        }
-    }
-
     /// Bytes for a deployment on `device`, read after its model loaded.
     fn bytes(self, device: &candle_core::Device) -> Option<u64> {
         match self {
             KvBudget::Unlimited => None,
             KvBudget::Bytes(b) => Some(b),
-            KvBudget::Default => KvBudget::ShareOfFree(1).bytes(device),
-            KvBudget::ShareOfFree(n) => {
-                ferrotune_model::device_memory::capacity(device).map(|c| c.free / 2 / n as u64)
-            }
+            KvBudget::HalfOfFree { shared_by } => ferrotune_model::device_memory::capacity(device)
+                .map(|c| c.free / 2 / shared_by.max(1) as u64),
         }
     }
 }
