@@ -152,14 +152,7 @@ impl KvCache {
 
     /// `n` zero columns before every row's entries: the caller masks them as padding.
     pub fn pad_left(&self, n: usize) -> Result<KvCache> {
-        self.map(|t| {
-            if n == 0 {
-                return Ok(t.clone());
-            }
-            let (b, h, _, d) = t.dims4()?;
-            let zeros = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
-            Tensor::cat(&[&zeros, t], 2)
-        })
+        self.map(|t| zeros_before(t, n))
     }
 
     /// Without the first `n` columns (padding every row has).
@@ -180,17 +173,10 @@ impl KvCache {
             c.layers
                 .iter()
                 .map(|l| match l {
-                    Some(c) => {
-                        let side = |t: Tensor| -> Result<Tensor> {
-                            if n == 0 {
-                                return Ok(t);
-                            }
-                            let (b, h, _, d) = t.dims4()?;
-                            let zeros = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
-                            Tensor::cat(&[&zeros, &t], 2)
-                        };
-                        Ok(Some((side(c.keys()?)?, side(c.values()?)?)))
-                    }
+                    Some(c) => Ok(Some((
+                        zeros_before(&c.keys()?, n)?,
+                        zeros_before(&c.values()?, n)?,
+                    ))),
                     None => Ok(None),
                 })
                 .collect()
@@ -210,6 +196,16 @@ impl KvCache {
             .collect::<Result<_>>()?;
         Ok((KvCache { layers }, pa, pb))
     }
+}
+
+/// `t` `[b, h, len, d]` with `n` zero columns before its entries.
+fn zeros_before(t: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 0 {
+        return Ok(t.clone());
+    }
+    let (b, h, _, d) = t.dims4()?;
+    let zeros = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
+    Tensor::cat(&[&zeros, t], 2)
 }
 
 /// Fetches one named weight of a given shape (see `weights`).

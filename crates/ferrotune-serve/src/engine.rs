@@ -233,7 +233,7 @@ impl Pending {
     fn generated(&self) -> usize {
         match self {
             Pending::New(_) => 0,
-            Pending::Resume(row) => row.generated,
+            Pending::Resume(row) => row.emitted.len(),
         }
     }
 }
@@ -246,7 +246,6 @@ struct Row {
     mask: Vec<u8>,
     next_pos: u32,
     last: u32,
-    generated: usize,
     /// The tokens handed to the caller, in order (what a preempted row re-encodes).
     emitted: Vec<u32>,
     started: Instant,
@@ -356,7 +355,7 @@ impl Worker {
             self.trim_common_padding()?;
             tracing::debug!(
                 "KV cache budget: preempted a sequence after {} tokens ({} rows remain)",
-                row.generated,
+                row.emitted.len(),
                 self.rows.len()
             );
             self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
@@ -471,7 +470,6 @@ impl Worker {
                 mask,
                 next_pos,
                 last: tok,
-                generated: 0,
                 emitted: Vec::new(),
                 started: now,
                 first_token_at: None,
@@ -545,18 +543,17 @@ impl Worker {
             } else if self.stop_ids.contains(&row.last) {
                 Some(FinishReason::Stop)
             } else {
-                if row.generated == 0 {
+                if row.emitted.is_empty() {
                     row.first_token_at = Some(now);
                     self.stats
                         .time_to_first_token
                         .observe(now.duration_since(row.started).as_secs_f64());
                 }
-                row.generated += 1;
                 row.emitted.push(row.last);
                 self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
                 if row.req.events.send(Event::Token(row.last)).is_err() {
                     Some(FinishReason::Cancelled)
-                } else if row.generated >= row.req.params.max_new_tokens
+                } else if row.emitted.len() >= row.req.params.max_new_tokens
                     || row.next_pos as usize + 1 >= context
                 {
                     Some(FinishReason::Length)
@@ -568,12 +565,13 @@ impl Worker {
                 self.stats
                     .request_duration
                     .observe(now.duration_since(row.started).as_secs_f64());
-                if let Some(first) = row.first_token_at.filter(|_| row.generated > 1) {
-                    self.stats.time_per_output_token.observe(
-                        now.duration_since(first).as_secs_f64() / (row.generated - 1) as f64,
-                    );
+                let generated = row.emitted.len();
+                if let Some(first) = row.first_token_at.filter(|_| generated > 1) {
+                    self.stats
+                        .time_per_output_token
+                        .observe(now.duration_since(first).as_secs_f64() / (generated - 1) as f64);
                 }
-                finish(&row.req, reason, row.generated);
+                finish(&row.req, reason, generated);
                 self.stats.finished.fetch_add(1, Ordering::Relaxed);
                 row.done = true;
                 any = true;
