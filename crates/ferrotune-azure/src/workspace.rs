@@ -24,6 +24,45 @@ pub struct WorkspaceFlags {
     pub config: Option<PathBuf>,
 }
 
+impl WorkspaceFlags {
+    /// The workspace an `azureml:` URI names: the short form
+    /// `azureml://subscriptions/S/resourceGroups/R/workspaces/W` or a workspace's MLflow tracking
+    /// URI (`azureml://<region>.api.azureml.ms/mlflow/v1.0/subscriptions/S/resourceGroups/R/
+    /// providers/Microsoft.MachineLearningServices/workspaces/W`). A bare `azureml:` or
+    /// `azureml://` names none, so flags, environment and `config.json` decide.
+    pub fn from_uri(uri: &str) -> Result<WorkspaceFlags> {
+        let rest = uri
+            .strip_prefix("azureml:")
+            .ok_or_else(|| AzureError::Usage(format!("{uri}: not an azureml: URI")))?;
+        let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() {
+            return Ok(WorkspaceFlags::default());
+        }
+        let after = |key: &str| {
+            parts
+                .windows(2)
+                .find(|w| w[0].eq_ignore_ascii_case(key))
+                .map(|w| w[1].to_string())
+        };
+        let flags = WorkspaceFlags {
+            subscription_id: after("subscriptions"),
+            resource_group: after("resourceGroups"),
+            workspace_name: after("workspaces"),
+            config: None,
+        };
+        if flags.subscription_id.is_none()
+            || flags.resource_group.is_none()
+            || flags.workspace_name.is_none()
+        {
+            return Err(AzureError::Usage(format!(
+                "{uri}: expected azureml://subscriptions/SUB/resourceGroups/RG/workspaces/WS \
+                 (or the workspace's MLflow tracking URI, or a bare azureml: to use the configured workspace)"
+            )));
+        }
+        Ok(flags)
+    }
+}
+
 /// Environment names per field, most specific first. `AZUREML_ARM_*` are set by Azure ML inside
 /// its jobs, so a command job finds its own workspace without configuration.
 const ENV_NAMES: [(&str, [&str; 3]); 3] = [
@@ -184,6 +223,34 @@ fn config_field(cfg: &Value, field: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_workspace_from_an_azureml_uri() {
+        let short = WorkspaceFlags::from_uri(
+            "azureml://subscriptions/s-1/resourceGroups/rg-1/workspaces/ws-1",
+        )
+        .unwrap();
+        let tracking = WorkspaceFlags::from_uri(
+            "azureml://eastus2.api.azureml.ms/mlflow/v1.0/subscriptions/s-1/resourcegroups/rg-1/providers/Microsoft.MachineLearningServices/workspaces/ws-1",
+        )
+        .unwrap();
+        for f in [short, tracking] {
+            assert_eq!(f.subscription_id.as_deref(), Some("s-1"));
+            assert_eq!(f.resource_group.as_deref(), Some("rg-1"));
+            assert_eq!(f.workspace_name.as_deref(), Some("ws-1"));
+        }
+        for bare in ["azureml:", "azureml://"] {
+            let f = WorkspaceFlags::from_uri(bare).unwrap();
+            assert!(f.subscription_id.is_none() && f.workspace_name.is_none());
+        }
+        let e =
+            WorkspaceFlags::from_uri("azureml://subscriptions/s-1/workspaces/ws-1").unwrap_err();
+        assert!(
+            e.is_usage() && e.to_string().contains("resourceGroups/RG"),
+            "{e}"
+        );
+        assert!(WorkspaceFlags::from_uri("http://x").is_err());
+    }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

@@ -176,10 +176,13 @@ pub enum ModelsCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Push a version to an MLflow model registry (a `mlflow server`; token from MLFLOW_TRACKING_TOKEN).
+    /// Push a version to an MLflow model registry (a `mlflow server`; token from
+    /// MLFLOW_TRACKING_TOKEN) or to an Azure ML workspace's models.
     Push {
         spec: String,
-        /// The MLflow server, http(s)://host:port.
+        /// http(s)://host:port (an MLflow server), or azureml://subscriptions/S/resourceGroups/R/
+        /// workspaces/W (also a workspace's MLflow tracking URI; a bare `azureml:` uses the
+        /// workspace `ferrotune azure` would: AZURE_* variables or config.json).
         #[arg(long, env = "MLFLOW_TRACKING_URI")]
         to: String,
         /// Registered model name there (default: the local name).

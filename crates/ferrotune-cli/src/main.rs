@@ -20,10 +20,24 @@ use crate::failure::Failure;
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::Run(_)) {
+        die_quietly_on_closed_stdout();
+    }
     init_logging(cli.verbose, cli.quiet);
     if let Err(failure) = dispatch(&cli) {
         eprintln!("error: {}", failure.message);
         std::process::exit(failure.code);
+    }
+}
+
+/// `ferrotune models list | head` ends the way `ls | head` does instead of panicking on a
+/// closed stdout: Rust ignores SIGPIPE, so the signal's default action is restored. Not for the
+/// long-lived servers, which must outlive any one closed pipe. (Sockets are unaffected either
+/// way: std sends with MSG_NOSIGNAL.)
+fn die_quietly_on_closed_stdout() {
+    // SAFETY: called first thing on the main thread, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

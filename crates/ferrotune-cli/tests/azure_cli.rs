@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
+use ferrotune_azure::blob::BlobContainer;
 use ferrotune_azure::fake::{azure_routes, start_azurite, FakeAzure, ACCOUNT, KEY};
 use predicates::prelude::*;
 use predicates::str::contains;
@@ -28,28 +29,34 @@ fn ferrotune() -> Command {
     cmd
 }
 
-/// `ferrotune azure` signed in with a client secret against the fake, in workspace ws-1.
-fn azure(fake: &FakeAzure) -> Command {
+/// `ferrotune` signed in with a client secret against the fake.
+fn signed_in(fake: &FakeAzure) -> Command {
     let mut cmd = ferrotune();
     cmd.env("AZURE_AUTHORITY_HOST", &fake.base)
         .env("AZURE_TENANT_ID", "tenant-1")
         .env("AZURE_CLIENT_ID", "app-1")
-        .env("AZURE_CLIENT_SECRET", "s3cret")
-        .args([
-            "azure",
-            "--arm-endpoint",
-            &fake.base,
-            "--poll-interval",
-            "0s",
-        ])
-        .args([
-            "--subscription-id",
-            "sub-1",
-            "--resource-group",
-            "rg-1",
-            "--workspace-name",
-            "ws-1",
-        ]);
+        .env("AZURE_CLIENT_SECRET", "s3cret");
+    cmd
+}
+
+/// `ferrotune azure` signed in against the fake, in workspace ws-1.
+fn azure(fake: &FakeAzure) -> Command {
+    let mut cmd = signed_in(fake);
+    cmd.args([
+        "azure",
+        "--arm-endpoint",
+        &fake.base,
+        "--poll-interval",
+        "0s",
+    ])
+    .args([
+        "--subscription-id",
+        "sub-1",
+        "--resource-group",
+        "rg-1",
+        "--workspace-name",
+        "ws-1",
+    ]);
     cmd
 }
 
@@ -62,8 +69,8 @@ fn mlflow_folder(root: &Path) -> PathBuf {
     dir
 }
 
-#[test]
-fn the_sources_steps_from_the_command_line() {
+/// The fake's default datastore in Azurite's container `models` (created), with its key.
+fn fake_with_datastore() -> (ferrotune_azure::fake::Azurite, FakeAzure, BlobContainer) {
     let azurite = start_azurite();
     let mut routes = azure_routes();
     for r in routes.iter_mut() {
@@ -75,23 +82,27 @@ fn the_sources_steps_from_the_command_line() {
         }
     }
     let fake = FakeAzure::start(routes);
+    let container = BlobContainer::new(
+        ferrotune_azure::http::Transport::new(Default::default(), None).unwrap(),
+        &format!("{}/models", azurite.url),
+        ferrotune_azure::blob::BlobAuth::SharedKey {
+            account: ACCOUNT.into(),
+            key: base64_decode(KEY),
+        },
+    );
+    container.create_if_missing().unwrap();
+    (azurite, fake, container)
+}
+
+#[test]
+fn the_sources_steps_from_the_command_line() {
+    let (azurite, fake, container) = fake_with_datastore();
     let scoring = format!("{}/score", fake.base);
     for r in fake.state.lock().unwrap().routes.iter_mut() {
         if r.method == "GET" && r.template.ends_with("onlineEndpoints/{}") {
             r.overrides = json!({"properties": {"scoringUri": scoring}});
         }
     }
-    let blob_key = base64_decode(KEY);
-    let container = ferrotune_azure::blob::BlobContainer::new(
-        ferrotune_azure::http::Transport::new(Default::default(), None).unwrap(),
-        &format!("{}/models", azurite.url),
-        ferrotune_azure::blob::BlobAuth::SharedKey {
-            account: ACCOUNT.into(),
-            key: blob_key,
-        },
-    );
-    container.create_if_missing().unwrap();
-
     azure(&fake)
         .args(["login", "--check"])
         .assert()
@@ -182,6 +193,70 @@ fn the_sources_steps_from_the_command_line() {
         .unwrap();
     assert_eq!(traffic.body["properties"]["traffic"], json!({"demo": 100}));
     assert!(seen.iter().any(|s| s.method == "DELETE"));
+}
+
+#[test]
+fn models_push_to_an_azureml_uri_registers_the_stored_folder_with_its_lineage() {
+    let (azurite, fake, container) = fake_with_datastore();
+    let root = tempfile::tempdir().unwrap();
+    let home = root.path().join("home");
+    let dir = mlflow_folder(root.path());
+    ferrotune()
+        .env("FERROTUNE_HOME", &home)
+        .args([
+            "models",
+            "register",
+            "--name",
+            "tiny",
+            "--version",
+            "7",
+            "--tag",
+            "stage=ci",
+            "--path",
+        ])
+        .arg(&dir)
+        .assert()
+        .success();
+    let push = |to: &str| {
+        let mut cmd = signed_in(&fake);
+        cmd.env("FERROTUNE_HOME", &home)
+            .env("AZURE_RESOURCE_MANAGER_ENDPOINT", &fake.base)
+            .env("FERROTUNE_AZURE_BLOB_ENDPOINT", &azurite.url)
+            .args(["models", "push", "tiny:7", "--to", to]);
+        cmd
+    };
+    push("azureml://subscriptions/sub-1/resourceGroups/rg-1/workspaces/ws-1")
+        .assert()
+        .success()
+        .stdout(contains(
+            "registered tiny:7 (azureml://subscriptions/sub-1/resourcegroups/rg-1/workspaces/ws-1/datastores/workspaceblobstore/paths/LocalUpload/",
+        ));
+    let seen = fake.arm_seen();
+    let put = seen
+        .iter()
+        .find(|s| s.method == "PUT" && s.path.ends_with("/workspaces/ws-1/models/tiny/versions/7"))
+        .expect("a model version PUT in ws-1");
+    let tags = &put.body["properties"]["tags"];
+    assert_eq!(tags["stage"], "ci", "{tags}");
+    assert_eq!(tags["ferrotune.local_version"], "7", "{tags}");
+    let stored = std::fs::read_dir(home.join("artifacts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let plan = ferrotune_azure::upload::scan(&stored).unwrap();
+    assert!(!plan.files.is_empty());
+    assert!(
+        plan.files
+            .iter()
+            .all(|f| container.download(&plan.blob_name(f)).is_ok()),
+        "every file of the stored folder is in the datastore"
+    );
+    push("azureml://subscriptions/sub-1/workspaces/ws-1")
+        .assert()
+        .code(2)
+        .stderr(contains("resourceGroups/RG"));
 }
 
 #[test]

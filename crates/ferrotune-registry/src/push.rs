@@ -34,29 +34,11 @@ pub struct PushReport {
     pub seconds: f64,
 }
 
-/// Push `v` to the MLflow server at `uri` (as `name`, default its local name).
-pub fn push_to_mlflow(
-    v: &ModelVersion,
-    uri: &str,
-    token: Option<String>,
-    name: Option<&str>,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<PushReport> {
-    if uri.starts_with("azureml:") {
-        return Err(RegistryError::Usage(
-            "pushing to Azure ML arrives with `ferrotune azure register` (the [azure] issue); use an http(s) MLflow server URI here".into(),
-        ));
-    }
-    let started = Instant::now();
-    let client = TrackingClient::new(uri, token, REQUEST_TIMEOUT)
-        .map_err(|e| RegistryError::Usage(format!("--to {uri}: {e}")))?;
-    let name = name.unwrap_or(&v.name).to_string();
+/// The tags a pushed version carries in any remote registry: where it came from locally, its
+/// lineage as `ferrotune.lineage.*` (values cut at 5,000 characters, MLflow's limit) and the local
+/// tags.
+pub fn version_tags(v: &ModelVersion) -> Vec<(String, String)> {
     let lineage = v.lineage.clone().unwrap_or(Value::Null);
-    let text = |k: &str| lineage.get(k).and_then(Value::as_str).map(str::to_owned);
-    let same_server =
-        text("tracking_uri").is_some_and(|t| t.trim_end_matches('/') == uri.trim_end_matches('/'));
-    let training = text("training_run_id").filter(|_| same_server);
-
     let mut tags = vec![
         ("ferrotune.local_name".to_string(), v.name.clone()),
         ("ferrotune.local_version".to_string(), v.version.to_string()),
@@ -77,6 +59,33 @@ pub fn push_to_mlflow(
         }
     }
     tags.extend(v.tags.iter().map(|(k, val)| (k.clone(), val.clone())));
+    tags
+}
+
+/// Push `v` to the MLflow server at `uri` (as `name`, default its local name).
+pub fn push_to_mlflow(
+    v: &ModelVersion,
+    uri: &str,
+    token: Option<String>,
+    name: Option<&str>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PushReport> {
+    if uri.starts_with("azureml:") {
+        return Err(RegistryError::Usage(
+            "an azureml: URI is pushed to Azure ML (`ferrotune models push` sends it there), not to an MLflow server".into(),
+        ));
+    }
+    let started = Instant::now();
+    let client = TrackingClient::new(uri, token, REQUEST_TIMEOUT)
+        .map_err(|e| RegistryError::Usage(format!("--to {uri}: {e}")))?;
+    let name = name.unwrap_or(&v.name).to_string();
+    let lineage = v.lineage.clone().unwrap_or(Value::Null);
+    let text = |k: &str| lineage.get(k).and_then(Value::as_str).map(str::to_owned);
+    let same_server =
+        text("tracking_uri").is_some_and(|t| t.trim_end_matches('/') == uri.trim_end_matches('/'));
+    let training = text("training_run_id").filter(|_| same_server);
+
+    let tags = version_tags(v);
 
     let (run_id, artifact_uri, own_run) = match &training {
         Some(run) => (run.clone(), client.run_artifact_uri(run)?, false),

@@ -1,7 +1,8 @@
 //! `ferrotune models`: the local registry (register, list, show, alias, export, delete) and
 //! pushes to an MLflow model registry.
 
-use ferrotune_registry::push::push_to_mlflow;
+use clap::Parser;
+use ferrotune_registry::push::{self, push_to_mlflow};
 use ferrotune_registry::{ModelVersion, RegisterRequest, Registry, Selector, VersionSpec};
 use serde_json::json;
 
@@ -125,6 +126,9 @@ pub fn run(args: &ModelsArgs, json_out: bool) -> Result<(), Failure> {
         }
         ModelsCommand::Push { spec, to, name } => {
             let v = reg.get(&VersionSpec::parse(spec)?)?;
+            if to.starts_with("azureml:") {
+                return push_to_azure(&v, to, name.as_deref(), json_out);
+            }
             let token = std::env::var("MLFLOW_TRACKING_TOKEN").ok();
             let bar = RowBar::counting(!json_out, "files");
             let report = push_to_mlflow(&v, to, token, name.as_deref(), &mut |done, total| {
@@ -156,6 +160,50 @@ pub fn run(args: &ModelsArgs, json_out: bool) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// `models push --to azureml:…`: `ferrotune azure register` of the version's stored folder,
+/// under the same name and version, with the lineage as tags.
+fn push_to_azure(
+    v: &ModelVersion,
+    to: &str,
+    name: Option<&str>,
+    json_out: bool,
+) -> Result<(), Failure> {
+    if v.kind != "mlflow" {
+        return Err(Failure::usage(format!(
+            "{}:{} is a {} version; Azure ML deploys MLflow model folders (`ferrotune export` without --adapter-only)",
+            v.name, v.version, v.kind
+        )));
+    }
+    let ws = ferrotune_azure::WorkspaceFlags::from_uri(to)?;
+    let mut argv: Vec<String> = vec!["ferrotune".into(), "azure".into()];
+    for (flag, value) in [
+        ("--subscription-id", ws.subscription_id),
+        ("--resource-group", ws.resource_group),
+        ("--workspace-name", ws.workspace_name),
+    ] {
+        if let Some(value) = value {
+            argv.extend([flag.to_string(), value]);
+        }
+    }
+    argv.extend(["register".into(), "--path".into()]);
+    argv.push(v.path.display().to_string());
+    argv.extend(["--name".into(), name.unwrap_or(&v.name).to_string()]);
+    argv.extend(["--version".into(), v.version.to_string()]);
+    if !v.description.is_empty() {
+        argv.extend(["--description".into(), v.description.clone()]);
+    }
+    for (k, val) in push::version_tags(v) {
+        argv.extend(["--tag".into(), format!("{k}={val}")]);
+    }
+    // Parsed as the user would have typed it, so `azure register`'s defaults apply unchanged.
+    let cli = crate::cli::Cli::try_parse_from(&argv)
+        .map_err(|e| Failure::usage(format!("--to {to}: {e}")))?;
+    let crate::cli::Command::Azure(args) = cli.command else {
+        unreachable!("argv names the azure command")
+    };
+    crate::commands::azure::run(&args, json_out)
 }
 
 /// Flags → a registration.
@@ -211,7 +259,10 @@ fn print_version(v: &ModelVersion) {
     if !v.description.is_empty() {
         println!("  description   {}", v.description);
     }
-    println!("  registered    {} (unix ms)", v.created_ms);
+    let when = chrono::DateTime::from_timestamp_millis(v.created_ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC ").to_string())
+        .unwrap_or_default();
+    println!("  registered    {when}({} unix ms)", v.created_ms);
     println!("  stored at     {}", v.path.display());
     println!("  from          {}", v.source_path);
     println!("  size          {:.1} MB", v.bytes as f64 / 1e6);
