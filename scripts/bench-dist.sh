@@ -28,9 +28,12 @@ device: cpu
 YAML
 tps() { grep -o '([0-9]* tokens/s)' | tr -dc '0-9'; }
 one=$("$F" train --config "$work/train.yaml" --set output_dir="$work/one" --set gradient_accumulation_steps="$ranks" | tps)
-many=$("$F" train --config "$work/train.yaml" --set output_dir="$work/many" --nproc-per-node "$ranks" | tps)
+"$F" train --config "$work/train.yaml" --set output_dir="$work/many" --nproc-per-node "$ranks" >"$work/many.out" 2>"$work/many.err"
+many=$(tps <"$work/many.out")
+reduce=$(grep -o 'rank 0: .* in gradient reductions' "$work/many.err" || echo "rank 0: (no reduction time logged)")
 same=no
 cmp -s "$work/one/adapter/adapter_model.safetensors" "$work/many/adapter/adapter_model.safetensors" && same=yes
 echo "1 process, accumulation $ranks: $one tokens/s"
 echo "$ranks ranks, accumulation 1:   $many tokens/s"
+echo "$reduce (waiting for the slower rank included)"
 echo "ratio $(python3 -c "print(f'{$many/$one:.2f}')")x on $(nproc) cores; identical adapters: $same"

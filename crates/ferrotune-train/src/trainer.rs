@@ -315,6 +315,9 @@ pub fn train_with(
     let mut order_cache: Option<(u64, Vec<usize>)> = None;
     let mut finish = Finish::Completed;
     let mut session_tokens = 0u64;
+    // Time inside the gradient reduction, waiting for slower ranks included: what overlapping it
+    // with the backward pass could win at most.
+    let mut reduce_s = 0f64;
 
     while state.global_step < total_steps {
         let k = state.global_step;
@@ -371,7 +374,9 @@ pub fn train_with(
             }
         }
         let like: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let reduce_started = Instant::now();
         let grads = comm.ordered_sum(acc, parts, &like, (zero >= 2).then_some(&owners[..]))?;
+        reduce_s += reduce_started.elapsed().as_secs_f64();
         // Per-micro-batch losses travel in their slots, so their sum has the single-process order.
         let mut totals = micro_losses;
         totals.push(step_tokens as f64);
@@ -605,6 +610,12 @@ pub fn train_with(
         last_eval
     };
     let session_s = session_start.elapsed().as_secs_f64();
+    if world > 1 {
+        tracing::info!(
+            "rank {rank}: {reduce_s:.2} s of {session_s:.2} s ({:.1}%) in gradient reductions, waiting for slower ranks included",
+            100.0 * reduce_s / session_s.max(1e-9)
+        );
+    }
     tracing::debug!("trained in {:.1} s", started.elapsed().as_secs_f64());
     Ok(Summary {
         finish,
