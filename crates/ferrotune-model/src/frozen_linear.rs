@@ -46,6 +46,36 @@ impl FrozenMatmul {
     }
 }
 
+/// Below this many rows (decoding: one token per sequence) the product is formed transposed.
+const FEW_ROWS: usize = 32;
+
+/// `x·Wᵀ` for a short `x` `[m, k]`, as `(W·xᵀ)ᵀ`: the GEMM's microkernel tiles the long side in
+/// registers (16 f32 lanes × 3 with AVX-512), so `m` = 8 rows would leave most of each tile
+/// empty, while `W·xᵀ` puts the weight's thousands of rows there. The `[n, m]` result is then
+/// transposed into place (n·m values, small next to the weight the GEMM streams).
+fn few_rows(
+    x: &CpuStorage,
+    x_layout: &Layout,
+    weight: &Tensor,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<CpuStorage> {
+    let (w, w_layout) = weight.storage_and_layout();
+    let Storage::Cpu(w) = &*w else {
+        candle_core::bail!("frozen matmul: weight and input are on different devices");
+    };
+    let xt = x_layout.transpose(0, 1)?;
+    let out_t = w.matmul(x, (1, n, m, k), w_layout, &xt)?;
+    let mut out = candle_core::backend::BackendDevice::zeros_impl(
+        x.device(),
+        &Shape::from((m, n)),
+        out_t.dtype(),
+    )?;
+    out_t.copy_strided_src(&mut out, 0, &Layout::contiguous((n, m)).transpose(0, 1)?)?;
+    Ok(out)
+}
+
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -53,12 +83,15 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, n, k, shape) = self.dims(layout)?;
+        let x_layout = Layout::contiguous_with_offset((m, k), layout.start_offset());
+        if m < FEW_ROWS {
+            return Ok((few_rows(storage, &x_layout, &self.weight, m, n, k)?, shape));
+        }
         let wt = self.weight.t()?;
         let (w, w_layout) = wt.storage_and_layout();
         let Storage::Cpu(w) = &*w else {
             candle_core::bail!("frozen matmul: weight and input are on different devices");
         };
-        let x_layout = Layout::contiguous_with_offset((m, k), layout.start_offset());
         let out = storage.matmul(w, (1, m, n, k), &x_layout, w_layout)?;
         Ok((out, shape))
     }
