@@ -12,6 +12,7 @@ pub mod generate;
 mod head_loss;
 pub mod loaded;
 pub mod lora;
+pub mod lora_linear;
 pub mod loss;
 pub mod mask;
 pub mod peft;

@@ -125,6 +125,10 @@ impl LoraPair {
     }
 }
 
+fn fused_training(x: &Tensor) -> bool {
+    x.device().is_cpu() || (x.device().is_cuda() && ferrotune_kernels::enabled())
+}
+
 /// A frozen projection with an optional adapter.
 pub struct Linear {
     pub base: FrozenMatmul,
@@ -164,12 +168,27 @@ impl Linear {
         Ok(())
     }
 
-    /// `[..., in]` → `[..., out]`.
+    /// `[..., in]` → `[..., out]`. Training takes the fused node ([`crate::lora_linear`]) on the
+    /// CPU, and on CUDA unless `FERROTUNE_KERNELS=0`; inference and other devices compose.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
         match &self.lora {
-            Some(l) => y + l.delta(x, train)?,
-            None => Ok(y),
+            Some(l) if train && fused_training(x) => {
+                let mask = if l.dropout > 0.0 {
+                    Some(l.dropout_mask(x)?)
+                } else {
+                    None
+                };
+                crate::lora_linear::lora_linear(
+                    x,
+                    self.base.weight(),
+                    l.a.as_tensor(),
+                    l.b.as_tensor(),
+                    l.scale,
+                    mask,
+                )
+            }
+            Some(l) => self.base.forward(x)? + l.delta(x, train)?,
+            None => self.base.forward(x),
         }
     }
 }

@@ -61,6 +61,9 @@ pub struct PlanInput {
     /// Attention keeps no `[b, heads, t, t]` buffer between forward and backward and recomputes
     /// the probabilities in the backward (the CPU in f32: `ferrotune_model::attention`).
     pub fused_attention: bool,
+    /// Each adapted linear is one graph node keeping only its output
+    /// (`ferrotune_model::lora_linear`: the CPU, and CUDA with the fused kernels).
+    pub fused_lora: bool,
     /// Planning for a GPU (CUDA's allocator; [`CUDA_CONTEXT_BYTES`] besides) rather than the
     /// CPU process's heap (mimalloc), which sets the overhead (see [`MemoryPlan::overhead`]).
     pub gpu: bool,
@@ -68,15 +71,17 @@ pub struct PlanInput {
 
 impl PlanInput {
     /// Which ops a run uses on a GPU (`gpu`) or the CPU with `dtype_bytes`, as
-    /// `(fused_kernels, fused_head, fused_attention)`: on CUDA the fused kernels unless
-    /// `FERROTUNE_KERNELS=0`, with the composed cross-entropy and attention; on the CPU in f32
-    /// fused ops, the fused head and the fused attention; on the CPU in bf16/f16 composed ops.
-    pub fn ops_for(gpu: bool, dtype_bytes: usize) -> (bool, bool, bool) {
+    /// `(fused_kernels, fused_head, fused_attention, fused_lora)`: on CUDA the fused kernels
+    /// and LoRA linears unless `FERROTUNE_KERNELS=0`, with the composed cross-entropy and
+    /// attention; on the CPU in f32 fused ops, the fused head and the fused attention; on the
+    /// CPU in bf16/f16 composed ops; fused LoRA linears on the CPU always.
+    pub fn ops_for(gpu: bool, dtype_bytes: usize) -> (bool, bool, bool, bool) {
         if gpu {
-            (ferrotune_model::kernels_enabled(), false, false)
+            let k = ferrotune_model::kernels_enabled();
+            (k, false, false, k)
         } else {
             let f32 = dtype_bytes == 4;
-            (f32, f32, f32)
+            (f32, f32, f32, true)
         }
     }
 }
@@ -189,8 +194,11 @@ pub struct Verdict {
 const F32: u128 = 4;
 /// On the CPU the process's resident peak exceeds the bytes allocated at its peak: mimalloc
 /// keeps freed blocks of other sizes and other threads' heaps resident. Measured by
-/// `tests/plan_cpu_peak.rs` on training steps of 512–2,048 tokens: 9% to 25% (mean 17%).
-pub const HOST_OVERHEAD_PERCENT: u128 = 17;
+/// `tests/plan_cpu_peak.rs` on training steps of 512–2,048 tokens: 17% to 38% (mean 25%; more
+/// with recompute, whose layer-by-layer churn leaves more freed blocks resident, and a 2,048-token
+/// recompute step lands at 22% or 38% from one run to the next). It was 9% to 25% before the
+/// fused LoRA linears shrank the allocations themselves.
+pub const HOST_OVERHEAD_PERCENT: u128 = 25;
 /// Live `[b, heads, t, t]` f32 buffers while the softmax's broadcast division back-propagates:
 /// the incoming gradient, `grad / sum`, the numerator's summed gradient, `grad · e`, `sum²` and
 /// their quotient (candle's `BinaryOp::Div` backward).
@@ -229,6 +237,7 @@ struct Dims {
     fused: bool,
     fused_head: bool,
     fused_attention: bool,
+    fused_lora: bool,
     b: u128,
     t: u128,
 }
@@ -263,6 +272,7 @@ impl Dims {
             fused: p.fused_kernels,
             fused_head: p.fused_head,
             fused_attention: p.fused_attention,
+            fused_lora: p.fused_lora,
             b: w(p.micro_batch),
             t: w(p.seq_len),
         }
@@ -315,10 +325,14 @@ impl Dims {
 
     /// A frozen projection with an optional adapter, bytes kept per token: the base output;
     /// with LoRA `x·Aᵀ` (r values), `·Bᵀ`, `·scale` and the sum (three more outputs); with
-    /// dropout the mask and the masked input.
+    /// dropout the mask and the masked input. Fused: the output, and the mask.
     fn linear_kept(&self, l: &Linear) -> u128 {
         let mut bytes = l.output * self.d;
-        if l.targeted {
+        if l.targeted && self.fused_lora {
+            if self.dropout {
+                bytes += l.input * self.d;
+            }
+        } else if l.targeted {
             bytes += self.r * self.d + 3 * l.output * self.d;
             if self.dropout {
                 bytes += 2 * l.input * self.d;
@@ -329,7 +343,7 @@ impl Dims {
 
     /// Gradient candle computes for the dropout mask (a constant) and keeps, per token.
     fn linear_leak(&self, l: &Linear) -> u128 {
-        if l.targeted && self.dropout {
+        if l.targeted && self.dropout && !self.fused_lora {
             l.input * self.d
         } else {
             0
@@ -337,8 +351,12 @@ impl Dims {
     }
 
     /// LoRA A and B cast to the model dtype for the forward (per layer, not per token); in f32
-    /// the cast is a no-op.
+    /// the cast is a no-op. The fused linear casts inside its forward and backward and keeps
+    /// nothing.
     fn lora_casts(&self, lora: &LoraConfig) -> u128 {
+        if self.fused_lora {
+            return 0;
+        }
         self.linears(lora)
             .iter()
             .filter(|l| l.targeted)
@@ -871,6 +889,7 @@ mod tests {
             fused_kernels: false,
             fused_head: false,
             fused_attention: false,
+            fused_lora: false,
             gpu: true,
         }
     }
@@ -1027,6 +1046,7 @@ mod tests {
             measured["peak_device_bytes"].as_f64().unwrap(),
             measured["device_bytes_at_start"].as_f64().unwrap(),
         );
+        // The report's binary composed its LoRA linears (it predates `lora_linear`).
         let i = PlanInput {
             fused_kernels: true,
             ..input(

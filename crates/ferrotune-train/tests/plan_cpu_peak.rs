@@ -105,7 +105,7 @@ fn config() -> Phi3Config {
 }
 
 fn plan(t: usize, recompute: bool) -> MemoryPlan {
-    let (fused_kernels, fused_head, fused_attention) = PlanInput::ops_for(false, 4);
+    let (fused_kernels, fused_head, fused_attention, fused_lora) = PlanInput::ops_for(false, 4);
     estimate(&PlanInput {
         model: config(),
         lora: LoraConfig::default(),
@@ -116,6 +116,7 @@ fn plan(t: usize, recompute: bool) -> MemoryPlan {
         fused_kernels,
         fused_head,
         fused_attention,
+        fused_lora,
         gpu: false,
     })
 }

@@ -26,7 +26,8 @@ pub fn input(cfg: &TrainConfig, gpu: bool) -> Result<PlanInput, Failure> {
         Precision::Auto if gpu => 2,
         Precision::Auto => 4,
     };
-    let (fused_kernels, fused_head, fused_attention) = PlanInput::ops_for(gpu, dtype_bytes);
+    let (fused_kernels, fused_head, fused_attention, fused_lora) =
+        PlanInput::ops_for(gpu, dtype_bytes);
     Ok(PlanInput {
         model,
         lora,
@@ -37,6 +38,7 @@ pub fn input(cfg: &TrainConfig, gpu: bool) -> Result<PlanInput, Failure> {
         fused_kernels,
         fused_head,
         fused_attention,
+        fused_lora,
         gpu,
     })
 }
