@@ -38,14 +38,13 @@ pub struct PushReport {
 /// lineage as `ferrotune.lineage.*` (values cut at 5,000 characters, MLflow's limit) and the local
 /// tags.
 pub fn version_tags(v: &ModelVersion) -> Vec<(String, String)> {
-    let lineage = v.lineage.clone().unwrap_or(Value::Null);
     let mut tags = vec![
         ("ferrotune.local_name".to_string(), v.name.clone()),
         ("ferrotune.local_version".to_string(), v.version.to_string()),
         ("ferrotune.artifact".to_string(), v.artifact.clone()),
         ("ferrotune.kind".to_string(), v.kind.clone()),
     ];
-    if let Value::Object(map) = &lineage {
+    if let Some(Value::Object(map)) = &v.lineage {
         for (k, val) in map {
             let s = match val {
                 Value::Null => continue,

@@ -1,5 +1,5 @@
 //! `ferrotune models`: the local registry (register, list, show, alias, export, delete) and
-//! pushes to an MLflow model registry.
+//! pushes to an MLflow model registry or an Azure ML workspace.
 
 use clap::Parser;
 use ferrotune_registry::push::{self, push_to_mlflow};
