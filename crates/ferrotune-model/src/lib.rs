@@ -3,6 +3,7 @@
 //! LoRA, and the causal-LM loss.
 
 pub mod attention;
+pub mod backward_seed;
 pub mod config;
 mod cpu_rows;
 pub mod device_memory;

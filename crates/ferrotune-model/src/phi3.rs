@@ -536,7 +536,7 @@ impl Phi3 {
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let xi = Var::from_tensor(&inputs[l])?;
             let y = layer.forward(xi.as_tensor(), &cos, &sin, bias, &self.cfg, true, None)?;
-            let grads = (y * grad.detach())?.sum_all()?.backward()?;
+            let grads = crate::backward_seed::backward_from(&y, &grad)?;
             for (slot, var) in out.iter_mut().zip(&vars) {
                 if let Some(g) = grads.get(var.as_tensor()) {
                     *slot = Some(match slot.take() {

@@ -496,10 +496,10 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
     let without =
         l * (n * (h * d + kept) + casts) + l.saturating_sub(1) * n * leak_all + n * leak_before;
     // Recompute: each layer's input is kept (detached), then one layer is re-run under the
-    // graph from a Var copy of its input; the backward seeds it with `y · grad` (the product,
-    // the incoming gradient and the gradient candle keeps for it); plus the Var copy of the
-    // final hidden state the head starts from.
-    let with = l * n * h * d + n * h * d + n * (h * d + kept + leak_before + 3 * h * d) + casts;
+    // graph from a Var copy of its input; the backward is seeded with the incoming gradient
+    // (`ferrotune_model::backward_seed`: that gradient and the copy candle keeps for the
+    // output); plus the Var copy of the final hidden state the head starts from.
+    let with = l * n * h * d + n * h * d + n * (h * d + kept + leak_before + 2 * h * d) + casts;
     let activations = if input.recompute { with } else { without };
 
     // Both paths keep the head's graph (and its leaked gradient) until the layers are done.
