@@ -1022,86 +1022,91 @@ mod tests {
     /// (`ferrotune bench train`, device memory sampled every 2 ms). The step's working memory
     /// (peak − in use before the first step) must be the plan's activations, head, attention
     /// workspace and one set of LoRA gradients within 15%, and the memory in use before the step
-    /// its weights, LoRA parameters and the CUDA context within 15%.
-    #[test]
-    fn fused_kernels_plan_matches_the_measured_h200_step() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../benches/gpu/h200-2026-11-26.json"
-        );
+    /// its weights, LoRA parameters and the CUDA context within 15%; the same run with the
+    /// kernels off (candle's composed ops, composed LoRA linears) likewise.
+    fn check_against_gpu_report(report: &str, fused_lora: bool) {
+        let path = format!("{}/../../benches/gpu/{report}", env!("CARGO_MANIFEST_DIR"));
         let report: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let bench = report["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["step"] == "bench_train_phi3_mini")
-            .expect("the bench step")["result"]
-            .clone();
-        assert_eq!(bench["shape"]["num_hidden_layers"], 32);
-        assert_eq!(bench["dtype"], "bf16");
-        assert_eq!(bench["recompute"], true);
-        let measured = &bench["ferrotune"];
-        let (peak, start) = (
-            measured["peak_device_bytes"].as_f64().unwrap(),
-            measured["device_bytes_at_start"].as_f64().unwrap(),
-        );
-        // The report's binary composed its LoRA linears (it predates `lora_linear`).
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let bench = |name: &str| {
+            report["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["step"] == name)
+                .unwrap_or_else(|| panic!("{path}: no {name} step"))["result"]
+                .clone()
+        };
+        let on = bench("bench_train_phi3_mini");
+        assert_eq!(on["shape"]["num_hidden_layers"], 32);
+        assert_eq!(on["dtype"], "bf16");
+        assert_eq!(on["recompute"], true);
+        let working = |b: &serde_json::Value| {
+            b["ferrotune"]["peak_device_bytes"].as_f64().unwrap()
+                - b["ferrotune"]["device_bytes_at_start"].as_f64().unwrap()
+        };
+        let start = on["ferrotune"]["device_bytes_at_start"].as_f64().unwrap();
         let i = PlanInput {
             fused_kernels: true,
+            fused_lora,
             ..input(
-                bench["batch"].as_u64().unwrap() as usize,
-                bench["seq"].as_u64().unwrap() as usize,
+                on["batch"].as_u64().unwrap() as usize,
+                on["seq"].as_u64().unwrap() as usize,
                 2,
                 true,
             )
         };
+        let step_of = |p: &MemoryPlan| {
+            (p.activations + p.logits_and_loss + p.attention_workspace + p.gradients / 2) as f64
+        };
         let p = estimate(&i);
-        let step =
-            (p.activations + p.logits_and_loss + p.attention_workspace + p.gradients / 2) as f64;
         let loaded = (p.weights + p.lora_parameters + CUDA_CONTEXT_BYTES) as f64;
-        let (step_rel, loaded_rel) = (
-            (step - (peak - start)) / (peak - start),
-            (loaded - start) / start,
-        );
+        let step_rel = (step_of(&p) - working(&on)) / working(&on);
+        let loaded_rel = (loaded - start) / start;
         eprintln!(
-            "step: plan {:.2} GiB, measured {:.2} GiB ({step_rel:+.1e}); loaded: plan {:.2} GiB, measured {:.2} GiB ({loaded_rel:+.1e})",
-            step / GIB as f64,
-            (peak - start) / GIB as f64,
+            "{path}: step: plan {:.2} GiB, measured {:.2} GiB ({step_rel:+.1e}); loaded: plan {:.2} GiB, measured {:.2} GiB ({loaded_rel:+.1e})",
+            step_of(&p) / GIB as f64,
+            working(&on) / GIB as f64,
             loaded / GIB as f64,
             start / GIB as f64
         );
         assert!(
             step_rel.abs() <= 0.15,
-            "step working memory off by {step_rel:+e}"
+            "{path}: step working memory off by {step_rel:+e}"
         );
         assert!(
             loaded_rel.abs() <= 0.15,
-            "loaded memory off by {loaded_rel:+e}"
+            "{path}: loaded memory off by {loaded_rel:+e}"
         );
-        // The composed model (kernels off, measured in the same report) the same way.
-        let off = &report["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["step"] == "bench_train_phi3_mini_kernels_off")
-            .expect("the kernels-off bench step")["result"]["ferrotune"];
-        let measured_off = off["peak_device_bytes"].as_f64().unwrap()
-            - off["device_bytes_at_start"].as_f64().unwrap();
+        let off = bench("bench_train_phi3_mini_kernels_off");
         let c = estimate(&PlanInput {
             fused_kernels: false,
+            fused_lora: false,
             ..i
         });
-        let step_off =
-            (c.activations + c.logits_and_loss + c.attention_workspace + c.gradients / 2) as f64;
-        let off_rel = (step_off - measured_off) / measured_off;
+        let off_rel = (step_of(&c) - working(&off)) / working(&off);
         eprintln!(
-            "kernels off: plan {:.2} GiB, measured {:.2} GiB ({off_rel:+.1e})",
-            step_off / GIB as f64,
-            measured_off / GIB as f64
+            "{path}: kernels off: plan {:.2} GiB, measured {:.2} GiB ({off_rel:+.1e})",
+            step_of(&c) / GIB as f64,
+            working(&off) / GIB as f64
         );
-        assert!(off_rel.abs() <= 0.15, "composed step off by {off_rel:+e}");
+        assert!(
+            off_rel.abs() <= 0.15,
+            "{path}: composed step off by {off_rel:+e}"
+        );
         assert!(c.total > p.total);
+    }
+
+    /// An H200 running a binary from before `lora_linear` (its LoRA linears composed).
+    #[test]
+    fn fused_kernels_plan_matches_the_measured_h200_step() {
+        check_against_gpu_report("h200-2026-11-26.json", false);
+    }
+
+    /// An H100 running commit 7dcd8a2: the fused kernels and one node per LoRA linear.
+    #[test]
+    fn fused_kernels_plan_matches_the_measured_h100_step() {
+        check_against_gpu_report("h100-2026-11-26.json", true);
     }
 
     #[test]
