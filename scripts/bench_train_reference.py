@@ -50,6 +50,7 @@ def main():
                  ("threads", 2)]:
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=d)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--recompute", action="store_true")
     a = ap.parse_args()
@@ -67,7 +68,7 @@ def main():
     if a.recompute:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.lora_dropout,
                                              target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
     model.train()
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=a.device)

@@ -541,6 +541,9 @@ pub struct BenchTrainArgs {
     /// LoRA rank (alpha = 2r) on all four decoder linears.
     #[arg(long, default_value_t = 16)]
     pub r: usize,
+    /// LoRA dropout on the adapters' input (PEFT's `lora_dropout`), in both runs.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
     /// Use per-layer recompute (activation checkpointing) for the backward.
     #[arg(long)]
     pub recompute: bool,

@@ -127,12 +127,25 @@ impl CustomOp1 for AttentionSoftmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.to_dtype(res.dtype())?.contiguous()?;
-        Ok(Some(res.apply_op2_no_bwd(
-            &g,
-            &AttentionSoftmaxGrad { scale: self.scale },
+        Ok(Some(attention_softmax_grad(
+            res,
+            grad_res,
+            self.scale as f64,
         )?))
     }
+}
+
+/// The gradient of the scores given the probabilities [`attention_softmax`] returned and the
+/// gradient of those probabilities: `scale · y ⊙ (g − Σ g⊙y)` per row, in `y`'s dtype, one kernel
+/// on CUDA. Records no backward (for ops that form their own).
+pub fn attention_softmax_grad(y: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    let g = g.to_dtype(y.dtype())?.contiguous()?;
+    y.contiguous()?.apply_op2_no_bwd(
+        &g,
+        &AttentionSoftmaxGrad {
+            scale: scale as f32,
+        },
+    )
 }
 
 /// `(y, g)` → gradient of the scores.

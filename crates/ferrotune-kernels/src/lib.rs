@@ -5,6 +5,7 @@
 //! Without the `cuda` feature only the CPU references are built.
 
 pub mod attention_softmax;
+pub mod dropout;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(feature = "cuda")]
@@ -14,7 +15,8 @@ pub mod rope;
 mod rows;
 pub mod swiglu;
 
-pub use attention_softmax::attention_softmax;
+pub use attention_softmax::{attention_softmax, attention_softmax_grad};
+pub use dropout::dropout_mask;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

@@ -222,3 +222,38 @@ fn rms_norm_rope_and_swiglu_match_their_cpu_references_and_the_composed_ops() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The dropout mask drawn on the GPU is the CPU's, element for element, in every dtype, at a
+/// length that is no multiple of the launch's block or grid.
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn dropout_masks_on_the_gpu_equal_the_cpu_stream() {
+    let dev = gpu();
+    let n = 3 * 1_000_003;
+    for (key, p) in [
+        (0u64, 0.05f32),
+        (0x1234_5678_9ABC_DEF0, 0.1),
+        (u64::MAX, 0.5),
+    ] {
+        let cpu = ferrotune_kernels::dropout::reference_mask(n, key, p).unwrap();
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let like = Tensor::zeros(n, dt, &dev).unwrap();
+            let gpu_mask = ferrotune_kernels::dropout_mask(&like, key, p).unwrap();
+            assert_eq!(gpu_mask.dtype(), dt);
+            let expected = cpu.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap();
+            let differ = cpu_f32(&gpu_mask)
+                .ne(&expected)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(
+                differ, 0.0,
+                "key {key:#x} p {p} {dt:?}: {differ} elements differ"
+            );
+        }
+    }
+}

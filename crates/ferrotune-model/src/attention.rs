@@ -1,14 +1,17 @@
-//! Causal attention `softmax(scale · q·kᵀ + bias) · v` for training on the CPU without keeping
-//! any `[b, heads, t, t]` buffer between the forward and the backward.
+//! Causal attention `softmax(scale · q·kᵀ + bias) · v` for training as one autograd node.
 //!
 //! Composed from candle ops, the graph keeps the scores and the probabilities of every layer
-//! until the backward ends, and candle's backward of the two matmuls and the softmax holds eight
-//! score-sized f32 buffers at once (each gradient it creates starts as a zeroed buffer that the
-//! real gradient is added to). At 2,048 tokens and 32 heads one such buffer is 512 MiB. Here the
-//! forward runs on detached inputs and drops its scores; the backward recomputes the
-//! probabilities from `q` and `k` (flash-attention's trade: one more `q·kᵀ` for far less memory)
-//! and holds at most three score-sized buffers. Elsewhere (CUDA, f16/bf16, inference) the
-//! composed path is used.
+//! until the backward ends, and candle's backward of the two matmuls and the softmax starts each
+//! gradient it creates as a zeroed score-sized buffer that the real gradient is added to. At
+//! 2,048 tokens and 32 heads one such buffer is 256 MiB in bf16, 512 MiB in f32. Here the
+//! forward runs on detached inputs and the backward forms `dq`, `dk`, `dv` directly:
+//! - on the CPU (f32) the forward drops its scores and the backward recomputes the probabilities
+//!   from `q` and `k` (flash-attention's trade: one more `q·kᵀ` for far less memory), holding at
+//!   most three score-sized buffers;
+//! - on CUDA (with ferrotune's kernels) the probabilities are kept, as the composed graph keeps
+//!   them, since recomputing them costs a softmax pass that the saved fills and adds do not repay.
+//!
+//! Inference, other dtypes on the CPU, and `FERROTUNE_KERNELS=0` on CUDA use the composed path.
 
 use std::sync::Mutex;
 
@@ -20,11 +23,16 @@ use crate::softmax::{attention_probs, scaled_masked_softmax, SoftmaxGrad};
 /// already repeated for GQA) and an f32 `bias` `[b, 1, tq, tk]`; `[b, h, tq, d]` out.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
-    if tracked && q.device().is_cpu() && q.dtype() == DType::F32 {
-        let out = forward(&q.detach(), &k.detach(), &v.detach(), bias, scale)?;
+    let cpu = q.device().is_cpu() && q.dtype() == DType::F32;
+    let cuda = q.device().is_cuda() && ferrotune_kernels::enabled();
+    if tracked && (cpu || cuda) {
+        let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
+        let probs = attention_probs(&q0.matmul(&k0.t()?)?, bias, scale)?;
+        let out = probs.matmul(&v0)?;
         let op = AttentionBackward {
             bias: bias.clone(),
             scale,
+            probs: cuda.then_some(probs),
             out: Mutex::new(Some(out)),
         };
         return q.apply_op3(k, v, op);
@@ -32,17 +40,29 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     attention_probs(&q.matmul(&k.t()?)?, bias, scale)?.matmul(v)
 }
 
+#[cfg(test)]
 fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     scaled_masked_softmax(&q.matmul(&k.t()?)?, bias, scale)?.matmul(v)
 }
 
-/// Carries the output computed by [`forward`] into the graph and computes the gradients of `q`,
-/// `k` and `v` from them alone.
+/// Carries the output computed in [`attention`] into the graph and computes the gradients of
+/// `q`, `k` and `v` from them alone.
 struct AttentionBackward {
     bias: Tensor,
     scale: f64,
-    /// Handed over (and released) by `cpu_fwd`, so the graph holds one copy of the output.
+    /// The forward's probabilities where they are kept (CUDA); `None`: recomputed (CPU).
+    probs: Option<Tensor>,
+    /// Handed over (and released) by the forward, so the graph holds one copy of the output.
     out: Mutex<Option<Tensor>>,
+}
+
+impl AttentionBackward {
+    fn take_out(&self) -> Result<Tensor> {
+        match self.out.lock().expect("attention output lock").take() {
+            Some(out) => Ok(out),
+            None => candle_core::bail!("attention: the output was already handed over"),
+        }
+    }
 }
 
 impl CustomOp3 for AttentionBackward {
@@ -59,11 +79,30 @@ impl CustomOp3 for AttentionBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Some(out) = self.out.lock().expect("attention output lock").take() else {
-            candle_core::bail!("attention: the output was already handed over");
-        };
+        let out = self.take_out()?;
         let shape = out.shape().clone();
         Ok((CpuStorage::F32(out.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let out = self.take_out()?.contiguous()?;
+        let shape = out.shape().clone();
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            // One copy of the `[b, h, t, d]` output: the graph cannot adopt a tensor's storage.
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
+            _ => candle_core::bail!("attention: the CUDA forward produced a non-CUDA output"),
+        }
     }
 
     fn bwd(
@@ -76,17 +115,28 @@ impl CustomOp3 for AttentionBackward {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached, so the gradients returned hold no graph (and no score buffer) alive.
         let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, &self.bias, self.scale)?;
         // The same products, in the same order, as candle's matmul backward would form them.
-        let dv = probs.t()?.matmul(&g)?;
-        let dprobs = g.matmul(&v.t()?)?;
-        let dscores = probs.apply_op2_no_bwd(
-            &dprobs.contiguous()?,
-            &SoftmaxGrad {
-                scale: self.scale as f32,
-            },
-        )?;
-        drop((probs, dprobs));
+        let (dv, dscores) = match &self.probs {
+            Some(probs) => {
+                let dv = probs.t()?.matmul(&g)?;
+                let dprobs = g.matmul(&v.t()?)?;
+                let dscores =
+                    ferrotune_kernels::attention_softmax_grad(probs, &dprobs, self.scale)?;
+                (dv, dscores)
+            }
+            None => {
+                let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, &self.bias, self.scale)?;
+                let dv = probs.t()?.matmul(&g)?;
+                let dprobs = g.matmul(&v.t()?)?;
+                let dscores = probs.apply_op2_no_bwd(
+                    &dprobs.contiguous()?,
+                    &SoftmaxGrad {
+                        scale: self.scale as f32,
+                    },
+                )?;
+                (dv, dscores)
+            }
+        };
         let dq = dscores.matmul(&k)?;
         let dk = q.t()?.matmul(&dscores)?.t()?;
         Ok((Some(dq), Some(dk), Some(dv)))

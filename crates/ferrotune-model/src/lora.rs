@@ -6,8 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use crate::rng::SplitMix;
-
 use crate::frozen_linear::FrozenMatmul;
 
 /// PEFT's LoRA hyper-parameters (names as in `adapter_config.json`).
@@ -101,18 +99,19 @@ impl LoraPair {
 }
 
 impl LoraPair {
-    /// Inverted-dropout mask shaped like `x` (0 or `1/(1-p)`), drawn from this pair's key: the
-    /// same key and shape give the same mask on every device.
+    /// Inverted-dropout mask shaped like `x` (0 or `1/(1-p)`), drawn from this pair's key on
+    /// `x`'s device: the same key and shape give the same mask on every device.
     fn dropout_mask(&self, x: &Tensor) -> Result<Tensor> {
-        let p = self.dropout as f32;
-        let keep = 1.0 / (1.0 - p);
-        let mut rng = SplitMix(self.dropout_key.load(Ordering::Relaxed));
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.unit() < p { 0.0 } else { keep })
-            .collect();
-        Tensor::from_vec(mask, x.shape(), &Device::Cpu)?
-            .to_dtype(x.dtype())?
-            .to_device(x.device())
+        let (key, p) = (
+            self.dropout_key.load(Ordering::Relaxed),
+            self.dropout as f32,
+        );
+        if x.device().is_cuda() && !ferrotune_kernels::enabled() {
+            // FERROTUNE_KERNELS=0 runs no ferrotune kernel: draw on the host and copy.
+            let like = Tensor::zeros(x.shape(), x.dtype(), &Device::Cpu)?;
+            return ferrotune_kernels::dropout_mask(&like, key, p)?.to_device(x.device());
+        }
+        ferrotune_kernels::dropout_mask(x, key, p)
     }
 
     /// `scale · B·A` `[out, in]` in `dtype`: what merging adds to the base weight.

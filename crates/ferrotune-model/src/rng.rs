@@ -2,8 +2,9 @@
 //! Stable across versions and platforms, so a seed means the same numbers forever (a resumed
 //! run and a fresh one draw identically).
 
-/// SplitMix64's increment (the golden ratio in 64 bits).
-pub const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+/// SplitMix64's increment and finaliser, shared with the dropout-mask kernel so host and
+/// device draw the same stream.
+pub use ferrotune_kernels::dropout::{mix, GAMMA};
 
 #[derive(Debug, Clone)]
 pub struct SplitMix(pub u64);
@@ -28,13 +29,6 @@ impl SplitMix {
     pub fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
-}
-
-/// SplitMix64's finaliser: a good 64-bit hash, used to derive independent keys.
-pub fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// A key for stream `b` derived from key `a` (order matters).

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{case_dir, cpu_f32, l2, load, load_on, max_abs, max_diff, CASES};
 use ferrotune_model::frozen_linear::FrozenMatmul;
 use ferrotune_model::loss::{causal_lm_loss, causal_lm_loss_sum, head_loss_sum};
-use ferrotune_model::{peft, rms_norm, rope, softmax, swiglu};
+use ferrotune_model::{attention, peft, rms_norm, rope, softmax, swiglu};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device (these tests run on the GPU machine)")
@@ -110,6 +110,22 @@ fn every_op_matches_the_cpu_forward_and_backward_in_f32_and_bf16() {
             "frozen_matmul",
             vec![b, t, h],
             Box::new(|x: &Tensor| FrozenMatmul::new(on(&proj, x)).forward(x)),
+            true,
+        ),
+        // q, k and v all drawn from the input (k and v through different affine maps), so the
+        // input gradient sums all three of the fused attention's gradients.
+        (
+            "attention",
+            vec![b, heads, t, d],
+            Box::new(|x: &Tensor| {
+                attention::attention(
+                    x,
+                    &x.affine(-0.5, 0.2)?,
+                    &x.affine(0.3, -0.1)?,
+                    &on(&bias, &x.to_dtype(DType::F32)?),
+                    0.2,
+                )
+            }),
             true,
         ),
         // Attention scores are always f32 in the model, so the softmaxes are checked in f32 only.

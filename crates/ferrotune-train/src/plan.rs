@@ -18,9 +18,10 @@
 //! * the backward of a broadcast division (the softmax normalisation) holds about six buffers of
 //!   the `[b, heads, t, t]` score size at once, and the loss backward about four `[b·t, vocab]`.
 //!
-//! The cross-entropy stays composed on CUDA either way. On the CPU in f32 the fused CPU ops, the
-//! fused head (no logits) and the fused attention (no score buffer kept between forward and
-//! backward) are modelled (`fused_head`, `fused_attention`).
+//! The cross-entropy stays composed on CUDA either way. With the kernels on, attention is one op
+//! that keeps its probabilities and forms its gradients without candle's zero-filled buffers. On
+//! the CPU in f32 the fused CPU ops, the fused head (no logits) and the fused attention (no score
+//! buffer kept between forward and backward) are modelled (`fused_head`, `fused_attention`).
 //! Calibration: `fused_kernels_plan_matches_the_measured_h200_step` checks the plan against a
 //! peak measured on a GPU by `scripts/gpu-check.sh` (committed under `benches/gpu/`);
 //! `tests/plan_cpu_peak.rs` against the bytes allocated and the resident peak of CPU steps.
@@ -58,8 +59,10 @@ pub struct PlanInput {
     /// The head and its cross-entropy are one op that never holds the logits (the CPU in f32:
     /// `head_loss.rs`); otherwise logits and a composed cross-entropy.
     pub fused_head: bool,
-    /// Attention keeps no `[b, heads, t, t]` buffer between forward and backward and recomputes
-    /// the probabilities in the backward (the CPU in f32: `ferrotune_model::attention`).
+    /// Attention is one graph node (`ferrotune_model::attention`): on the CPU in f32 it keeps
+    /// no `[b, heads, t, t]` buffer between forward and backward and recomputes the
+    /// probabilities in the backward; on CUDA with the fused kernels it keeps the probabilities
+    /// and skips candle's zero-filled score-sized gradients.
     pub fused_attention: bool,
     /// Each adapted linear is one graph node keeping only its output
     /// (`ferrotune_model::lora_linear`: the CPU, and CUDA with the fused kernels).
@@ -71,14 +74,14 @@ pub struct PlanInput {
 
 impl PlanInput {
     /// Which ops a run uses on a GPU (`gpu`) or the CPU with `dtype_bytes`, as
-    /// `(fused_kernels, fused_head, fused_attention, fused_lora)`: on CUDA the fused kernels
-    /// and LoRA linears unless `FERROTUNE_KERNELS=0`, with the composed cross-entropy and
-    /// attention; on the CPU in f32 fused ops, the fused head and the fused attention; on the
-    /// CPU in bf16/f16 composed ops; fused LoRA linears on the CPU always.
+    /// `(fused_kernels, fused_head, fused_attention, fused_lora)`: on CUDA the fused kernels,
+    /// attention and LoRA linears unless `FERROTUNE_KERNELS=0`, with the composed
+    /// cross-entropy; on the CPU in f32 fused ops, the fused head and the fused attention; on
+    /// the CPU in bf16/f16 composed ops; fused LoRA linears on the CPU always.
     pub fn ops_for(gpu: bool, dtype_bytes: usize) -> (bool, bool, bool, bool) {
         if gpu {
             let k = ferrotune_model::kernels_enabled();
-            (k, false, false, k)
+            (k, false, k, k)
         } else {
             let f32 = dtype_bytes == 4;
             (f32, f32, f32, true)
@@ -237,6 +240,9 @@ struct Dims {
     fused: bool,
     fused_head: bool,
     fused_attention: bool,
+    /// The fused attention keeps its probabilities for the backward (CUDA) instead of
+    /// recomputing them (the CPU).
+    attention_keeps_probs: bool,
     fused_lora: bool,
     b: u128,
     t: u128,
@@ -272,6 +278,7 @@ impl Dims {
             fused: p.fused_kernels,
             fused_head: p.fused_head,
             fused_attention: p.fused_attention,
+            attention_keeps_probs: p.fused_attention && p.gpu,
             fused_lora: p.fused_lora,
             b: w(p.micro_batch),
             t: w(p.seq_len),
@@ -383,11 +390,14 @@ impl Dims {
         if self.heads != self.kv_heads {
             bytes += 2 * a * d;
         }
-        // Scores per query: fused attention, none; fused softmax, `q·kᵀ` and the probabilities,
+        // Scores per query: fused attention, none on the CPU and the probabilities on CUDA;
+        // fused softmax, `q·kᵀ` and the probabilities,
         // both in the dtype; composed, `q·kᵀ` in the dtype, its f32 copy, `·scale`, `+bias`,
         // `-max`, `exp`, `/sum` (f32), probabilities back in the dtype; max and sum are one
         // value per head.
-        bytes += if self.fused_attention {
+        bytes += if self.attention_keeps_probs {
+            self.heads * self.t * d
+        } else if self.fused_attention {
             0
         } else if self.fused {
             2 * self.heads * self.t * d
@@ -508,8 +518,11 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
     // The fused softmax backward holds the incoming gradient, its own output and candle's summed
     // copy of it, all in the dtype; the composed one [`SOFTMAX_BACKWARD_BUFFERS`] in f32.
     // The fused attention's backward holds the recomputed probabilities, their gradient and the
-    // scores' gradient, f32.
-    let softmax_backward = if dims.fused_attention {
+    // scores' gradient, f32 (the CPU); on CUDA the gradients of the kept probabilities and of
+    // the scores, in the dtype.
+    let softmax_backward = if dims.attention_keeps_probs {
+        2 * scores * d
+    } else if dims.fused_attention {
         3 * scores * F32
     } else if dims.fused {
         3 * scores * d
@@ -1103,7 +1116,8 @@ mod tests {
         check_against_gpu_report("h200-2026-11-26.json", false);
     }
 
-    /// An H100 running commit 7dcd8a2: the fused kernels and one node per LoRA linear.
+    /// An H100 running commit 7dcd8a2: the fused kernels and one node per LoRA linear (attention
+    /// still composed).
     #[test]
     fn fused_kernels_plan_matches_the_measured_h100_step() {
         check_against_gpu_report("h100-2026-11-26.json", true);

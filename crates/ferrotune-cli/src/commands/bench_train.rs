@@ -37,12 +37,19 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
             "--steps ≥ 1, --seq ≥ 2 and --kv-heads dividing --heads are needed",
         ));
     }
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        return Err(Failure::usage(format!(
+            "--lora-dropout {} must be in [0, 1)",
+            args.lora_dropout
+        )));
+    }
     let device = model_args::device(Some(&args.device))?;
     let dtype = bench_dtype(args.dtype.as_deref(), &device)?;
     let (mut model, cfg_json) = random_model(&shape, args.seq, dtype, &device)?;
     let lora = LoraConfig {
         r: args.r,
         lora_alpha: 2.0 * args.r as f64,
+        lora_dropout: args.lora_dropout,
         ..LoraConfig::default()
     };
     model.add_lora(&lora, 0)?;
@@ -69,6 +76,8 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
     let sampler = PeakSampler::start(&device);
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
+        // A fresh dropout mask per step, as training draws them.
+        model.set_dropout_key(step as u64);
         if args.recompute {
             let (_, n, grads) = model.loss_and_grads_recompute(&batch, &labels, 1.0)?;
             drop((n, grads));
@@ -105,7 +114,7 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
         println!(
             "{}",
             json!({
-                "shape": cfg_json, "batch": b, "seq": t, "lora_r": args.r, "recompute": args.recompute,
+                "shape": cfg_json, "batch": b, "seq": t, "lora_r": args.r, "lora_dropout": args.lora_dropout, "recompute": args.recompute,
                 "device": args.device, "dtype": format!("{dtype:?}").to_lowercase(),
                 "flops_per_token": flops_per_token, "peak_tflops": args.peak_tflops,
                 "ferrotune": {"tokens_per_second": ours_tps, "seconds_per_step": per_step, "peak_rss_bytes": ours_rss,
@@ -121,8 +130,9 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
         return Ok(());
     }
     println!(
-        "shape      Phi-3 {} layers, hidden {}, intermediate {}, heads {}/{}, vocab {}; batch {b} x {t} tokens, LoRA r={} on all linears{}",
+        "shape      Phi-3 {} layers, hidden {}, intermediate {}, heads {}/{}, vocab {}; batch {b} x {t} tokens, LoRA r={} on all linears{}{}",
         shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.vocab, args.r,
+        if args.lora_dropout > 0.0 { format!(", dropout {}", args.lora_dropout) } else { String::new() },
         if args.recompute { ", recompute" } else { "" }
     );
     let device_mem = |peak: Option<u64>| {
@@ -195,6 +205,7 @@ fn run_reference(a: &BenchTrainArgs, dtype: DType) -> Result<Reference, Failure>
                 "--dtype",
                 &format!("{dtype:?}").to_lowercase(),
             ])
+            .args(["--lora-dropout", &a.lora_dropout.to_string()])
             .args(a.recompute.then_some("--recompute"));
         },
     )
