@@ -6,38 +6,6 @@
 // twice forward (reduce, write) and twice backward.
 #include "common.cuh"
 
-// Merge two (max, sum of exp(x - max)) pairs.
-__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
-    float mm = fmaxf(m, m2);
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
-    m = mm;
-}
-
-__device__ __forceinline__ void block_max_sum(float& m, float& s) {
-    __shared__ float sm[32], ss[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-        float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        merge(m, s, m2, s2);
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
-    __syncthreads();
-    if (warp == 0) {
-        m = lane < warps ? sm[lane] : -FLT_MAX;
-        s = lane < warps ? ss[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) {
-            float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-            float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-            merge(m, s, m2, s2);
-        }
-        if (lane == 0) { sm[0] = m; ss[0] = s; }
-    }
-    __syncthreads();
-    m = sm[0];
-    s = ss[0];
-}
-
 template <typename T>
 __device__ void softmax_fwd(const T* __restrict__ s, const float* __restrict__ bias, T* __restrict__ y,
                             int heads, int tq, int tk, int bias_batched, float scale) {

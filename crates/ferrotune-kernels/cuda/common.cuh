@@ -32,3 +32,37 @@ __device__ __forceinline__ float block_sum(float v) {
     __syncthreads();
     return r;
 }
+
+// Online softmax statistics: a (max, sum of exp(x - max)) pair per thread, merged over the block
+// (all threads get the result). Uses 64 floats of shared memory.
+// Merge two (max, sum of exp(x - max)) pairs.
+__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+    float mm = fmaxf(m, m2);
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
+
+__device__ __forceinline__ void block_max_sum(float& m, float& s) {
+    __shared__ float sm[32], ss[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        merge(m, s, m2, s2);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < warps ? sm[lane] : -FLT_MAX;
+        s = lane < warps ? ss[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+            float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            merge(m, s, m2, s2);
+        }
+        if (lane == 0) { sm[0] = m; ss[0] = s; }
+    }
+    __syncthreads();
+    m = sm[0];
+    s = ss[0];
+}

@@ -25,15 +25,7 @@ pub fn run<K: Launch>(
     (module, ptx): (&str, &str),
     base: &str,
 ) -> Result<CudaStorage> {
-    let suffix = match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        other => candle_core::bail!("{base}: unsupported dtype {other:?} (f32, bf16 or f16)"),
-    };
-    let func = dev
-        .get_or_load_custom_func(&format!("{base}_{suffix}"), module, ptx)?
-        .into_cuda_function();
+    let func = function(dtype, dev, (module, ptx), base)?;
     Ok(match dtype {
         DType::F32 => CudaStorage::wrap_cuda_slice(kernel.launch::<f32>(dev, &func)?, dev.clone()),
         DType::BF16 => {
@@ -41,6 +33,24 @@ pub fn run<K: Launch>(
         }
         _ => CudaStorage::wrap_cuda_slice(kernel.launch::<half::f16>(dev, &func)?, dev.clone()),
     })
+}
+
+/// `<base>_<dtype>` from `module`'s PTX, loaded once per device.
+pub fn function(
+    dtype: DType,
+    dev: &CudaDevice,
+    (module, ptx): (&str, &str),
+    base: &str,
+) -> Result<CudaFunction> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("{base}: unsupported dtype {other:?} (f32, bf16 or f16)"),
+    };
+    Ok(dev
+        .get_or_load_custom_func(&format!("{base}_{suffix}"), module, ptx)?
+        .into_cuda_function())
 }
 
 /// The elements of `storage` from `layout`'s offset (the layout must be contiguous).

@@ -5,6 +5,7 @@
 //! Without the `cuda` feature only the CPU references are built.
 
 pub mod attention_softmax;
+pub mod cross_entropy;
 pub mod dropout;
 #[cfg(feature = "cuda")]
 mod launch;
@@ -16,6 +17,7 @@ mod rows;
 pub mod swiglu;
 
 pub use attention_softmax::{attention_softmax, attention_softmax_grad};
+pub use cross_entropy::{cross_entropy_grad, cross_entropy_nll, NO_TARGET};
 pub use dropout::dropout_mask;
 pub use rms_norm::rms_norm;
 pub use rope::rope;

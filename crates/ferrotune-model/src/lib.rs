@@ -6,6 +6,7 @@ pub mod attention;
 pub mod backward_seed;
 pub mod config;
 mod cpu_rows;
+mod device_head_loss;
 pub mod device_memory;
 pub mod error;
 pub mod frozen_linear;

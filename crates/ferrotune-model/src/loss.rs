@@ -24,10 +24,21 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<LossSu
 
 /// Loss of `hidden` `[b, t, h]` (after the final norm) under the frozen output head `weight`
 /// `[vocab, h]`: on the CPU in f32 one fused op that never holds the full logits (see
-/// `head_loss`); elsewhere the head's matmul and [`causal_lm_loss_sum`].
+/// `head_loss`); on CUDA with ferrotune's kernels one node over the logits in the model dtype
+/// and the cross-entropy kernels (see `device_head_loss`); elsewhere the head's matmul and
+/// [`causal_lm_loss_sum`].
 pub fn head_loss_sum(hidden: &Tensor, weight: &Tensor, labels: &[Vec<i64>]) -> Result<LossSum> {
     let (b, t, h) = hidden.dims3()?;
     let v = weight.dim(0)?;
+    if hidden.device().is_cuda() && ferrotune_kernels::enabled() {
+        let targets = shifted_targets(labels, b, t, v)?;
+        let tokens = targets.iter().filter(|x| x.is_some()).count();
+        let flat = hidden.reshape((b * t, h))?.contiguous()?;
+        return Ok(LossSum {
+            sum: crate::device_head_loss::device_head_loss(&flat, weight, &targets)?,
+            tokens,
+        });
+    }
     if hidden.device().is_cpu() && hidden.dtype() == DType::F32 && weight.dtype() == DType::F32 {
         let targets = shifted_targets(labels, b, t, v)?;
         let tokens = targets.iter().filter(|x| x.is_some()).count();

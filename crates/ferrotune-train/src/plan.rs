@@ -18,8 +18,8 @@
 //! * the backward of a broadcast division (the softmax normalisation) holds about six buffers of
 //!   the `[b, heads, t, t]` score size at once, and the loss backward about four `[b·t, vocab]`.
 //!
-//! The cross-entropy stays composed on CUDA either way. With the kernels on, attention is one op
-//! that keeps its probabilities and forms its gradients without candle's zero-filled buffers. On
+//! With the kernels on, attention is one op that keeps its probabilities and forms its gradients
+//! without candle's zero-filled buffers, and the head with its cross-entropy is one op. On
 //! the CPU in f32 the fused CPU ops, the fused head (no logits) and the fused attention (no score
 //! buffer kept between forward and backward) are modelled (`fused_head`, `fused_attention`).
 //! Calibration: `fused_kernels_plan_matches_the_measured_h200_step` checks the plan against a
@@ -56,8 +56,9 @@ pub struct PlanInput {
     /// `ferrotune-kernels` on, on the CPU in f32 (ferrotune's CPU ops); otherwise composed
     /// candle ops.
     pub fused_kernels: bool,
-    /// The head and its cross-entropy are one op that never holds the logits (the CPU in f32:
-    /// `head_loss.rs`); otherwise logits and a composed cross-entropy.
+    /// The head and its cross-entropy are one op: on the CPU in f32 it never holds the logits
+    /// (`head_loss.rs`), on CUDA it holds them in the model dtype only inside the forward
+    /// (`device_head_loss.rs`); otherwise logits and a composed cross-entropy.
     pub fused_head: bool,
     /// Attention is one graph node (`ferrotune_model::attention`): on the CPU in f32 it keeps
     /// no `[b, heads, t, t]` buffer between forward and backward and recomputes the
@@ -75,13 +76,13 @@ pub struct PlanInput {
 impl PlanInput {
     /// Which ops a run uses on a GPU (`gpu`) or the CPU with `dtype_bytes`, as
     /// `(fused_kernels, fused_head, fused_attention, fused_lora)`: on CUDA the fused kernels,
-    /// attention and LoRA linears unless `FERROTUNE_KERNELS=0`, with the composed
-    /// cross-entropy; on the CPU in f32 fused ops, the fused head and the fused attention; on
-    /// the CPU in bf16/f16 composed ops; fused LoRA linears on the CPU always.
+    /// head, attention and LoRA linears unless `FERROTUNE_KERNELS=0`; on the CPU in f32 fused
+    /// ops, the fused head and the fused attention; on the CPU in bf16/f16 composed ops; fused
+    /// LoRA linears on the CPU always.
     pub fn ops_for(gpu: bool, dtype_bytes: usize) -> (bool, bool, bool, bool) {
         if gpu {
             let k = ferrotune_model::kernels_enabled();
-            (k, false, k, k)
+            (k, k, k, k)
         } else {
             let f32 = dtype_bytes == 4;
             (f32, f32, f32, true)
@@ -244,6 +245,9 @@ struct Dims {
     /// recomputing them (the CPU).
     attention_keeps_probs: bool,
     fused_lora: bool,
+    /// On a GPU (the fused head keeps its gradient in the model dtype and forms all logits at
+    /// once; on the CPU in f32, a chunk at a time).
+    gpu: bool,
     b: u128,
     t: u128,
 }
@@ -280,6 +284,7 @@ impl Dims {
             fused_attention: p.fused_attention,
             attention_keeps_probs: p.fused_attention && p.gpu,
             fused_lora: p.fused_lora,
+            gpu: p.gpu,
             b: w(p.micro_batch),
             t: w(p.seq_len),
         }
@@ -450,7 +455,10 @@ impl Dims {
     fn head(&self) -> u128 {
         let (h, v, d) = (self.hidden, self.vocab, self.d);
         if self.fused_head {
-            return h * d + self.norm_kept() + F32 + h * F32;
+            // The input and the gradient formed in the forward: on CUDA in the model dtype (the
+            // loss is one scalar), on the CPU in f32 with a loss per row.
+            let grad = if self.gpu { h * d } else { F32 + h * F32 };
+            return h * d + self.norm_kept() + grad;
         }
         let kept = h * d + self.norm_kept() + v * (d + self.conv * F32 + 3 * F32) + 4 * F32;
         let norm_weight = if self.fused { 0 } else { h * d };
@@ -533,7 +541,11 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
     // the head's forward (which forms the gradient): one chunk of logits twice (the matmul's
     // output and the copy rewritten into `softmax − onehot`) with its input rows and their
     // gradient.
-    let loss_backward = if dims.fused_head {
+    let loss_backward = if dims.fused_head && dims.gpu {
+        // On CUDA: the logits and `softmax − onehot`, both in the dtype, with the per-row losses
+        // and targets.
+        n * (2 * dims.vocab * d + 2 * F32)
+    } else if dims.fused_head {
         HEAD_CHUNK * (2 * dims.vocab + 2 * h) * F32
     } else {
         LOSS_BACKWARD_BUFFERS * n * dims.vocab * F32
