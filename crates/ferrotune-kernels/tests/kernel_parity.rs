@@ -258,10 +258,11 @@ fn dropout_masks_on_the_gpu_equal_the_cpu_stream() {
     }
 }
 
-/// The cross-entropy kernels against their CPU reference at a vocabulary that is no multiple of
-/// the block, with untrained rows: the loss per row (f32) within 1e-5 relative in f32 and 1e-3
-/// in bf16/f16 (rounding order of the exponent sum), the logits' gradient max |Δ| ≤ 1e-6 in f32
-/// and one unit in the last place otherwise.
+/// The cross-entropy kernels against their CPU reference (exponent sum in f64) at a vocabulary
+/// that is no multiple of the block, with untrained rows: the loss per row (f32) within 1e-5
+/// relative, the logits' gradient max |Δ| ≤ 1e-6 in f32 and one unit in the last place in
+/// bf16/f16. On an H100: loss 9.6e-8, f32 gradient 3.0e-8. (Against an f32 reference summing in
+/// order the f32 gradient differed by 1.4e-5: that reference's own rounding.)
 #[test]
 #[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
 fn cross_entropy_matches_its_cpu_reference() {
@@ -283,8 +284,8 @@ fn cross_entropy_matches_its_cpu_reference() {
     let mut failures = Vec::new();
     for (dt, nll_tol, grad_tol) in [
         (DType::F32, 1e-5f32, 1e-6f32),
-        (DType::BF16, 1e-3, 2f32.powi(-8)),
-        (DType::F16, 1e-3, 2f32.powi(-11)),
+        (DType::BF16, 1e-5, 2f32.powi(-8)),
+        (DType::F16, 1e-5, 2f32.powi(-11)),
     ] {
         let xc = x.to_dtype(dt).unwrap();
         let xg = xc.to_device(&dev).unwrap();
