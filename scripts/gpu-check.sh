@@ -139,6 +139,10 @@ if [ "$quick" = 1 ]; then mini=(--layers 4 --hidden 3072 --intermediate 8192 --h
 run bench_train_phi3_mini 300 "$ft" --json bench train --device cuda --dtype bf16 --recompute \
   "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 --python python3
 
+# With LoRA dropout (PEFT's usual 0.05) on both sides: the masks are drawn on the device.
+run bench_train_phi3_mini_dropout 300 "$ft" --json bench train --device cuda --dtype bf16 --recompute \
+  "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 --lora-dropout 0.05 --python python3
+
 run bench_train_phi3_mini_kernels_off 300 env FERROTUNE_KERNELS=0 "$ft" --json bench train \
   --device cuda --dtype bf16 --recompute "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 \
   --no-reference

@@ -224,3 +224,52 @@ fn bench_decode_reports_each_batch_size() {
         .starts_with("random Phi-3: 1 layers"));
     assert!(random["reference"].is_null());
 }
+
+/// `bench train` on a random shape with LoRA dropout: it runs both the plain and the recompute
+/// step, reports what it ran, and refuses a dropout outside [0, 1) as a usage error.
+#[test]
+fn bench_train_runs_with_lora_dropout_and_checks_it() {
+    let shape = [
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--intermediate",
+        "128",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--vocab",
+        "256",
+        "--seq",
+        "24",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--no-reference",
+        "--lora-dropout",
+    ];
+    for recompute in [false, true] {
+        let mut cmd = ferrotune();
+        cmd.args(["--json", "bench", "train"])
+            .args(shape)
+            .arg("0.1");
+        if recompute {
+            cmd.arg("--recompute");
+        }
+        let v = json_stdout(&mut cmd);
+        assert_eq!(v["lora_dropout"], 0.1);
+        assert_eq!(v["recompute"], recompute);
+        let tps = v["ferrotune"]["tokens_per_second"].as_f64().unwrap();
+        assert!(tps.is_finite() && tps > 0.0, "{v}");
+    }
+    ferrotune()
+        .args(["bench", "train"])
+        .args(shape)
+        .arg("1.5")
+        .assert()
+        .code(2)
+        .stderr(contains("--lora-dropout 1.5"));
+}
