@@ -177,10 +177,21 @@ mod cuda {
             dev: &CudaDevice,
             func: &CudaFunction,
         ) -> Result<CudaSlice<f32>> {
+            let n = self.x.1.dims()[0];
+            self.launch_into::<T, f32>(dev, func, output::<f32>(dev, n)?)
+        }
+
+        /// Launches `func` over the rows with `out` as its output (the kernels differ only in
+        /// what they write).
+        fn launch_into<T: CudaDType + DeviceRepr, O: DeviceRepr>(
+            &self,
+            dev: &CudaDevice,
+            func: &CudaFunction,
+            out: CudaSlice<O>,
+        ) -> Result<CudaSlice<O>> {
             let (n, v) = self.x.1.shape().dims2()?;
             let x = view::<T>(self.x.0, self.x.1)?;
             let t = view::<u32>(self.t.0, self.t.1)?;
-            let out = output::<f32>(dev, n)?;
             let v32 = i32_of(v, "vocabulary")?;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(func);
@@ -188,7 +199,7 @@ mod cuda {
             b.arg(&t);
             b.arg(&out);
             b.arg(&v32);
-            // SAFETY: the arguments match cross_entropy_nll_<T>'s signature.
+            // SAFETY: the arguments match cross_entropy_{nll,grad}_<T>'s signature.
             unsafe { b.launch(per_row(n, v)) }.w()?;
             Ok(out)
         }
@@ -200,20 +211,8 @@ mod cuda {
             dev: &CudaDevice,
             func: &CudaFunction,
         ) -> Result<CudaSlice<T>> {
-            let (n, v) = self.x.1.shape().dims2()?;
-            let x = view::<T>(self.x.0, self.x.1)?;
-            let t = view::<u32>(self.t.0, self.t.1)?;
-            let out = output::<T>(dev, n * v)?;
-            let v32 = i32_of(v, "vocabulary")?;
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(func);
-            b.arg(&x);
-            b.arg(&t);
-            b.arg(&out);
-            b.arg(&v32);
-            // SAFETY: the arguments match cross_entropy_grad_<T>'s signature.
-            unsafe { b.launch(per_row(n, v)) }.w()?;
-            Ok(out)
+            let n = self.x.1.shape().elem_count();
+            self.launch_into::<T, T>(dev, func, output::<T>(dev, n)?)
         }
     }
 }
