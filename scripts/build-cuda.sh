@@ -11,7 +11,9 @@
 #
 # Output: dist/cuda-sm<cap>/ferrotune.gz (stripped); with --tests also the GPU test binaries
 # test-kernel_parity.gz, test-cuda_parity.gz and test-trainer_reference.gz, for scripts/gpu-check.sh.
-# V100 (sm_70) needs the CUDA 12 toolchain, which CUDA 13's nvcc no longer targets: not built here.
+# V100 (sm_70) needs a CUDA 12 toolkit's nvcc, which CUDA 13 no longer has a target for; PyPI has
+# none (nvidia-cuda-nvcc-cu12 ships only ptxas) and Debian 12's non-free archive is not configured
+# here, so sm_70 is not built by this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
 done
 case "$cap" in
   80|86|89|90) ;;
-  70) echo "sm_70 (V100) needs CUDA 12's nvcc (nvidia-cuda-nvcc-cu12); this script pins CUDA 13" >&2; exit 2 ;;
+  70) echo "sm_70 (V100): CUDA 13 dropped Volta and PyPI's CUDA 12 wheels carry no nvcc (only ptxas); build on a machine with a CUDA 12 toolkit: CUDA_COMPUTE_CAP=70 cargo build --release --features cuda -p ferrotune-cli" >&2; exit 2 ;;
   *) echo "--cap $cap: expected 80, 86, 89 or 90" >&2; exit 2 ;;
 esac
 
