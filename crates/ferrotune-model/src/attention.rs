@@ -13,10 +13,9 @@
 //!
 //! Inference, other dtypes on the CPU, and `FERROTUNE_KERNELS=0` on CUDA use the composed path.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use crate::handover::Handover;
 use crate::softmax::{attention_probs, scaled_masked_softmax, SoftmaxGrad};
 
 /// `softmax(scale · q·kᵀ + bias) · v` for `q` `[b, h, tq, d]`, `k`/`v` `[b, h, tk, d]` (heads
@@ -33,7 +32,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
             bias: bias.clone(),
             scale,
             probs: cuda.then_some(probs),
-            out: Mutex::new(Some(out)),
+            out: Handover::new("attention output", out),
         };
         return q.apply_op3(k, v, op);
     }
@@ -53,16 +52,7 @@ struct AttentionBackward {
     /// The forward's probabilities where they are kept (CUDA); `None`: recomputed (CPU).
     probs: Option<Tensor>,
     /// Handed over (and released) by the forward, so the graph holds one copy of the output.
-    out: Mutex<Option<Tensor>>,
-}
-
-impl AttentionBackward {
-    fn take_out(&self) -> Result<Tensor> {
-        match self.out.lock().expect("attention output lock").take() {
-            Some(out) => Ok(out),
-            None => candle_core::bail!("attention: the output was already handed over"),
-        }
-    }
+    out: Handover,
 }
 
 impl CustomOp3 for AttentionBackward {
@@ -79,9 +69,7 @@ impl CustomOp3 for AttentionBackward {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self.take_out()?;
-        let shape = out.shape().clone();
-        Ok((CpuStorage::F32(out.flatten_all()?.to_vec1::<f32>()?), shape))
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -94,15 +82,7 @@ impl CustomOp3 for AttentionBackward {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = self.take_out()?.contiguous()?;
-        let shape = out.shape().clone();
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            // One copy of the `[b, h, t, d]` output: the graph cannot adopt a tensor's storage.
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
-            _ => candle_core::bail!("attention: the CUDA forward produced a non-CUDA output"),
-        }
+        self.out.cuda()
     }
 
     fn bwd(

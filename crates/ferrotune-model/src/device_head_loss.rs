@@ -7,11 +7,10 @@
 //! which a second GEMM projects back to `d loss / d hidden` right away; the logits are freed
 //! before the op returns, and the graph keeps only that `[b·t, h]` gradient.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use crate::frozen_linear::FrozenMatmul;
+use crate::handover::Handover;
 
 /// Summed token cross-entropy (an f32 scalar) of `hidden` `[n, h]` under the frozen head
 /// `weight` `[v, h]`, with `targets[r]` the target of row `r` (`None`: not trained).
@@ -36,7 +35,7 @@ pub(crate) fn device_head_loss(
     drop(logits);
     let grad = dlogits.matmul(weight)?;
     hidden.apply_op1(HeadLossNode {
-        sum: Mutex::new(Some(sum)),
+        sum: Handover::new("head loss", sum),
         grad,
     })
 }
@@ -45,18 +44,9 @@ pub(crate) fn device_head_loss(
 /// gradient formed there.
 struct HeadLossNode {
     /// Handed over (and released) by the forward.
-    sum: Mutex<Option<Tensor>>,
+    sum: Handover,
     /// `d (Σ loss) / d hidden` `[n, h]` in the model dtype.
     grad: Tensor,
-}
-
-impl HeadLossNode {
-    fn take_sum(&self) -> Result<Tensor> {
-        match self.sum.lock().expect("head loss lock").take() {
-            Some(sum) => Ok(sum),
-            None => candle_core::bail!("head loss: the loss was already handed over"),
-        }
-    }
 }
 
 impl CustomOp1 for HeadLossNode {
@@ -65,11 +55,7 @@ impl CustomOp1 for HeadLossNode {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let sum = self.take_sum()?.to_device(&candle_core::Device::Cpu)?;
-        Ok((
-            CpuStorage::F32(vec![sum.to_scalar::<f32>()?]),
-            Shape::from(()),
-        ))
+        self.sum.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -78,13 +64,7 @@ impl CustomOp1 for HeadLossNode {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let sum = self.take_sum()?;
-        let (storage, layout) = sum.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, Shape::from(()))),
-            _ => candle_core::bail!("head loss: the CUDA loss is not on the GPU"),
-        }
+        self.sum.cuda()
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

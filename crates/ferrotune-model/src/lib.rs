@@ -11,6 +11,7 @@ pub mod device_memory;
 pub mod error;
 pub mod frozen_linear;
 pub mod generate;
+mod handover;
 mod head_loss;
 pub mod loaded;
 pub mod lora;
