@@ -19,9 +19,9 @@ pub mod swiglu;
 pub use attention_softmax::{attention_softmax, attention_softmax_grad};
 pub use cross_entropy::{cross_entropy_grad, cross_entropy_nll, NO_TARGET};
 pub use dropout::dropout_mask;
-pub use rms_norm::rms_norm;
-pub use rope::rope;
-pub use swiglu::swiglu;
+pub use rms_norm::{rms_norm, rms_norm_grad};
+pub use rope::{rope, rope_adjoint};
+pub use swiglu::{swiglu, swiglu_grad};
 
 /// Whether the fused kernels are used where they apply: yes unless `FERROTUNE_KERNELS=0`, which
 /// falls back to candle's composed ops (for A/B runs and to rule a kernel out when debugging).

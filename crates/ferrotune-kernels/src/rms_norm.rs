@@ -9,20 +9,46 @@ use crate::rows;
 
 /// `[..., h]` normalised over the last dimension and scaled by `weight` `[h]` (same dtype).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    check_weight("rms_norm", x, weight)?;
+    x.contiguous()?.apply_op1(RmsNorm {
+        weight: weight.contiguous()?,
+        eps: eps as f32,
+    })
+}
+
+/// The gradient of [`rms_norm`]'s input `x` given `g`, the gradient of its output (the weight is
+/// frozen). Records no backward (for a backward written out by hand).
+pub fn rms_norm_grad(x: &Tensor, weight: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> {
+    check_weight("rms_norm_grad", x, weight)?;
+    if g.dims() != x.dims() {
+        candle_core::bail!(
+            "rms_norm_grad: gradient {:?} for input {:?}",
+            g.dims(),
+            x.dims()
+        );
+    }
+    let g = g.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?.apply_op2_no_bwd(
+        &g,
+        &RmsNormGrad {
+            weight: weight.contiguous()?,
+            eps: eps as f32,
+        },
+    )
+}
+
+fn check_weight(op: &str, x: &Tensor, weight: &Tensor) -> Result<()> {
     let h = x.dim(candle_core::D::Minus1)?;
     if weight.dims() != [h] || weight.dtype() != x.dtype() {
         candle_core::bail!(
-            "rms_norm: weight {:?} {:?} for input {:?} {:?}",
+            "{op}: weight {:?} {:?} for input {:?} {:?}",
             weight.dims(),
             weight.dtype(),
             x.dims(),
             x.dtype()
         );
     }
-    x.contiguous()?.apply_op1(RmsNorm {
-        weight: weight.contiguous()?,
-        eps: eps as f32,
-    })
+    Ok(())
 }
 
 struct RmsNorm {

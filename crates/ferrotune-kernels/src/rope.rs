@@ -10,6 +10,17 @@ use crate::rows;
 
 /// `x` `[b, heads, t, d]` (d even), `cos`/`sin` `[b, t, d]` in x's dtype (constants).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(checked(x, cos, sin, false)?)
+}
+
+/// The adjoint of [`rope`] applied to `g`, the gradient of its output: the gradient of its
+/// input. Records no backward (for a backward written out by hand).
+pub fn rope_adjoint(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    g.contiguous()?
+        .apply_op1_no_bwd(&checked(g, cos, sin, true)?)
+}
+
+fn checked(x: &Tensor, cos: &Tensor, sin: &Tensor, adjoint: bool) -> Result<Rope> {
     let (b, h, t, d) = x.dims4()?;
     for (name, c) in [("cos", cos), ("sin", sin)] {
         if c.dims() != [b, t, d] || c.dtype() != x.dtype() {
@@ -25,11 +36,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if d % 2 != 0 {
         candle_core::bail!("rope: head dimension {d} is not even");
     }
-    x.contiguous()?.apply_op1(Rope {
+    Ok(Rope {
         cos: cos.contiguous()?,
         sin: sin.contiguous()?,
         heads: h,
-        adjoint: false,
+        adjoint,
     })
 }
 

@@ -16,6 +16,24 @@ pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     gate_up.contiguous()?.apply_op1(SwiGlu)
 }
 
+/// The gradient of `gate_up` given `g`, the gradient of [`swiglu`]'s output (in `gate_up`'s
+/// dtype). Records no backward (for a backward written out by hand).
+pub fn swiglu_grad(gate_up: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let mut want = gate_up.dims().to_vec();
+    if let Some(last) = want.last_mut() {
+        *last /= 2;
+    }
+    if g.dims() != want.as_slice() {
+        candle_core::bail!(
+            "swiglu_grad: gradient {:?} for gate_up {:?}",
+            g.dims(),
+            gate_up.dims()
+        );
+    }
+    let g = g.to_dtype(gate_up.dtype())?.contiguous()?;
+    gate_up.contiguous()?.apply_op2_no_bwd(&g, &SwiGluGrad)
+}
+
 struct SwiGlu;
 
 fn sigmoid(x: f32) -> f32 {
@@ -73,8 +91,7 @@ impl CustomOp1 for SwiGlu {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.to_dtype(arg.dtype())?.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&g, &SwiGluGrad)?))
+        Ok(Some(swiglu_grad(arg, grad_res)?))
     }
 }
 

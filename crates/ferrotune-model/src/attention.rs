@@ -95,32 +95,42 @@ impl CustomOp3 for AttentionBackward {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached, so the gradients returned hold no graph (and no score buffer) alive.
         let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        // The same products, in the same order, as candle's matmul backward would form them.
-        let (dv, dscores) = match &self.probs {
-            Some(probs) => {
-                let dv = probs.t()?.matmul(&g)?;
-                let dprobs = g.matmul(&v.t()?)?;
-                let dscores =
-                    ferrotune_kernels::attention_softmax_grad(probs, &dprobs, self.scale)?;
-                (dv, dscores)
-            }
+        let (dq, dk, dv) = match &self.probs {
+            Some(probs) => attention_grads(&q, &k, &v, probs, &g, |p, dp| {
+                ferrotune_kernels::attention_softmax_grad(p, dp, self.scale)
+            })?,
             None => {
                 let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, &self.bias, self.scale)?;
-                let dv = probs.t()?.matmul(&g)?;
-                let dprobs = g.matmul(&v.t()?)?;
-                let dscores = probs.apply_op2_no_bwd(
-                    &dprobs.contiguous()?,
-                    &SoftmaxGrad {
-                        scale: self.scale as f32,
-                    },
-                )?;
-                (dv, dscores)
+                attention_grads(&q, &k, &v, &probs, &g, |p, dp| {
+                    p.apply_op2_no_bwd(
+                        &dp.contiguous()?,
+                        &SoftmaxGrad {
+                            scale: self.scale as f32,
+                        },
+                    )
+                })?
             }
         };
-        let dq = dscores.matmul(&k)?;
-        let dk = q.t()?.matmul(&dscores)?.t()?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
+}
+
+/// `dq`, `dk`, `dv` of `probs · v`, `probs = softmax(scale · q·kᵀ + bias)`, given `g`, the
+/// gradient of the output; `softmax_grad(probs, dprobs)` is the scores' gradient. The same
+/// products, in the same order, as candle's matmul backward would form them.
+pub(crate) fn attention_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    g: &Tensor,
+    softmax_grad: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dv = probs.t()?.matmul(g)?;
+    let dscores = softmax_grad(probs, &g.matmul(&v.t()?)?)?;
+    let dq = dscores.matmul(k)?;
+    let dk = q.t()?.matmul(&dscores)?.t()?;
+    Ok((dq, dk, dv))
 }
 
 #[cfg(test)]

@@ -190,4 +190,57 @@ impl Linear {
             None => self.base.forward(x),
         }
     }
+
+    /// The training forward of `x` (untracked) without an autograd node, and the dropout mask it
+    /// drew, for [`Linear::grads`]. Where the fused node runs (see [`Linear::forward`]).
+    pub(crate) fn forward_for_grads(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match &self.lora {
+            Some(l) => {
+                let mask = self.dropout_mask_for(x)?;
+                let y = crate::lora_linear::lora_linear(
+                    x,
+                    self.base.weight(),
+                    &l.a.as_tensor().detach(),
+                    &l.b.as_tensor().detach(),
+                    l.scale,
+                    mask.clone(),
+                )?;
+                Ok((y, mask))
+            }
+            None => Ok((self.base.forward(x)?, None)),
+        }
+    }
+
+    /// The dropout mask the training forward of `x` draws, if the adapter has dropout.
+    pub(crate) fn dropout_mask_for(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match &self.lora {
+            Some(l) if l.dropout > 0.0 => Ok(Some(l.dropout_mask(x)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The gradient of the input and the pair's `(dA, dB)` (f32) given `g`, the gradient of the
+    /// output of [`Linear::forward_for_grads`]`(x)` that drew `mask`.
+    pub(crate) fn grads(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        g: &Tensor,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        match &self.lora {
+            Some(l) => {
+                let (dx, da, db) = crate::lora_linear::lora_linear_grads(
+                    x,
+                    self.base.weight(),
+                    l.a.as_tensor(),
+                    l.b.as_tensor(),
+                    l.scale,
+                    mask,
+                    g,
+                )?;
+                Ok((dx, Some((da, db))))
+            }
+            None => Ok((g.broadcast_matmul(self.base.weight())?, None)),
+        }
+    }
 }

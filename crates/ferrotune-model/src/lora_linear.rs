@@ -191,38 +191,50 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let k = x.dim(candle_core::D::Minus1)?;
-        let n = b.dim(0)?;
-        let m = x.elem_count() / k.max(1);
-        let dtype = x.dtype();
-        let x2 = x.detach().reshape((m, k))?;
-        let g = grad.detach().reshape((m, n))?;
-        let mask = match &self.mask {
-            Some(mk) => Some(mk.reshape((m, k))?),
-            None => None,
-        };
-        let xd = match &mask {
-            Some(mk) => (&x2 * mk)?,
-            None => x2,
-        };
-        let a = a.detach().to_dtype(dtype)?;
-        let sb = b.detach().to_dtype(dtype)?.affine(self.scale, 0.0)?;
-        let t = xd.matmul(&a.t()?)?;
-        // d/d(s·B) = gᵀ·t, so dB = s·gᵀ·t; d/dt = g·(s·B); dA = (d/dt)ᵀ·dropout(x).
-        let db = g.t()?.matmul(&t)?.affine(self.scale, 0.0)?;
-        let gt = g.matmul(&sb)?;
-        let da = gt.t()?.matmul(&xd)?;
-        let mut dx_lora = gt.matmul(&a)?;
-        if let Some(mk) = &mask {
-            dx_lora = (dx_lora * mk)?;
-        }
-        let dx = (g.matmul(&self.weight)? + dx_lora)?.reshape(x.shape())?;
-        Ok((
-            Some(dx),
-            Some(da.to_dtype(DType::F32)?),
-            Some(db.to_dtype(DType::F32)?),
-        ))
+        let (dx, da, db) =
+            lora_linear_grads(x, &self.weight, a, b, self.scale, self.mask.as_ref(), grad)?;
+        Ok((Some(dx), Some(da), Some(db)))
     }
+}
+
+/// The gradients of [`lora_linear`]'s input, `A` and `B` (the pair's in f32) given `grad`, the
+/// gradient of its output. Records no backward.
+pub(crate) fn lora_linear_grads(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let k = x.dim(candle_core::D::Minus1)?;
+    let n = b.dim(0)?;
+    let m = x.elem_count() / k.max(1);
+    let dtype = x.dtype();
+    let x2 = x.detach().reshape((m, k))?;
+    let g = grad.detach().reshape((m, n))?;
+    let mask = match mask {
+        Some(mk) => Some(mk.reshape((m, k))?),
+        None => None,
+    };
+    let xd = match &mask {
+        Some(mk) => (&x2 * mk)?,
+        None => x2,
+    };
+    let a = a.detach().to_dtype(dtype)?;
+    let sb = b.detach().to_dtype(dtype)?.affine(scale, 0.0)?;
+    let t = xd.matmul(&a.t()?)?;
+    // d/d(s·B) = gᵀ·t, so dB = s·gᵀ·t; d/dt = g·(s·B); dA = (d/dt)ᵀ·dropout(x).
+    let db = g.t()?.matmul(&t)?.affine(scale, 0.0)?;
+    let gt = g.matmul(&sb)?;
+    let da = gt.t()?.matmul(&xd)?;
+    let mut dx_lora = gt.matmul(&a)?;
+    if let Some(mk) = &mask {
+        dx_lora = (dx_lora * mk)?;
+    }
+    let dx = (g.matmul(weight)? + dx_lora)?.reshape(x.shape())?;
+    Ok((dx, da.to_dtype(DType::F32)?, db.to_dtype(DType::F32)?))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use crate::attention::attention;
 use crate::config::Phi3Config;
 use crate::frozen_linear::FrozenMatmul;
+use crate::layer_ops::LayerOps;
 use crate::lora::{Linear, LoraConfig, LoraPair};
 pub use crate::rms_norm::rms_norm;
 use crate::rope::{self, Rope};
@@ -19,19 +20,19 @@ pub struct Phi3 {
     dtype: DType,
     device: Device,
     embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
+    pub(crate) layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: FrozenMatmul,
-    rope: Rope,
+    pub(crate) rope: Rope,
 }
 
-struct DecoderLayer {
-    input_layernorm: Tensor,
-    qkv_proj: Linear,
-    o_proj: Linear,
-    post_attention_layernorm: Tensor,
-    gate_up_proj: Linear,
-    down_proj: Linear,
+pub(crate) struct DecoderLayer {
+    pub(crate) input_layernorm: Tensor,
+    pub(crate) qkv_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) post_attention_layernorm: Tensor,
+    pub(crate) gate_up_proj: Linear,
+    pub(crate) down_proj: Linear,
 }
 
 /// One batch as the model sees it. Shapes: `[b, t]`.
@@ -52,7 +53,7 @@ pub struct KvCache {
 }
 
 /// One layer's buffers `[b, kv_heads, capacity, head_dim]`, the first `len` columns filled.
-struct LayerCache {
+pub(crate) struct LayerCache {
     k: Tensor,
     v: Tensor,
     len: usize,
@@ -492,8 +493,10 @@ impl Phi3 {
     }
 
     /// Loss and LoRA gradients with per-layer recompute: the forward keeps only each decoder
-    /// layer's input; the backward re-runs one layer at a time under the graph and pushes the
-    /// incoming gradient through it, so activation memory is one layer's, not the model's.
+    /// layer's input; the backward re-runs one layer at a time and pushes the incoming gradient
+    /// through it, so activation memory is one layer's, not the model's. Where the fused ops run
+    /// (the CPU in f32, CUDA with ferrotune's kernels) that layer backward is written out by hand
+    /// ([`crate::decoder_backward`]); elsewhere it goes through candle's graph.
     ///
     /// Returns the summed token cross-entropy, the number of trained tokens, and the gradient of
     /// `scale · sum` for each of [`Phi3::trainable_vars`] (same order). Gradients equal the plain
@@ -533,7 +536,33 @@ impl Phi3 {
         };
         let vars = self.trainable_vars();
         let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
+        // Where each layer's pairs start among `vars` (A then B per adapted linear).
+        let mut first_var = Vec::with_capacity(self.layers.len());
+        let mut n = 0;
+        for layer in &self.layers {
+            first_var.push(n);
+            n += 2 * layer
+                .linears()
+                .iter()
+                .filter(|(_, l)| l.lora.is_some())
+                .count();
+        }
+        let at = crate::decoder_backward::Positions {
+            cos: &cos,
+            sin: &sin,
+            bias,
+        };
         for (l, layer) in self.layers.iter().enumerate().rev() {
+            let norms = [&layer.input_layernorm, &layer.post_attention_layernorm];
+            if let Some(ops) = LayerOps::for_layer(&inputs[l], norms) {
+                let g = layer.grads(ops, &inputs[l], &at, &self.cfg, &grad)?;
+                for (i, (da, db)) in g.pairs.into_iter().enumerate() {
+                    out[first_var[l] + 2 * i] = Some(da);
+                    out[first_var[l] + 2 * i + 1] = Some(db);
+                }
+                grad = g.input;
+                continue;
+            }
             let xi = Var::from_tensor(&inputs[l])?;
             let y = layer.forward(xi.as_tensor(), &cos, &sin, bias, &self.cfg, true, None)?;
             let grads = crate::backward_seed::backward_from(&y, &grad)?;
@@ -602,7 +631,7 @@ impl DecoderLayer {
 
     /// `[b, t, hidden]` → `[b, t, hidden]`.
     #[allow(clippy::too_many_arguments)]
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
@@ -636,16 +665,9 @@ impl DecoderLayer {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let qkv = self.qkv_proj.forward(x, train)?;
-        let heads = |start: usize, n: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, start * hd, n * hd)?
-                .reshape((b, t, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = rope::apply(&heads(0, nh)?, cos, sin)?;
-        let k = rope::apply(&heads(nh, nkv)?, cos, sin)?;
-        let v = heads(nh + nkv, nkv)?;
+        let (q, k, v) = split_heads(&self.qkv_proj.forward(x, train)?, cfg)?;
+        let q = rope::apply(&q, cos, sin)?;
+        let k = rope::apply(&k, cos, sin)?;
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -683,8 +705,26 @@ fn module_path(name: &str) -> &'static str {
     }
 }
 
+/// The fused projection `[b, t, qkv]` as query, key and value heads `[b, heads, t, head_dim]`
+/// (before RoPE).
+pub(crate) fn split_heads(qkv: &Tensor, cfg: &Phi3Config) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, _) = qkv.dims3()?;
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let heads = |start: usize, n: usize| -> Result<Tensor> {
+        qkv.narrow(D::Minus1, start * hd, n * hd)?
+            .reshape((b, t, n, hd))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    Ok((heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?))
+}
+
 /// `[b, kv, t, d]` → `[b, kv·n, t, d]`, each kv head repeated `n` times in place.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
         return Ok(x.clone());
     }

@@ -67,15 +67,30 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad_res.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(
-            &g,
-            &RmsNormGrad {
-                weight: self.weight.clone(),
-                eps: self.eps,
-            },
+        Ok(Some(rms_norm_grad_cpu(
+            arg,
+            &self.weight,
+            self.eps as f64,
+            grad_res,
         )?))
     }
+}
+
+/// The gradient of [`rms_norm`]'s input given `g`, the gradient of its output, for f32 on the
+/// CPU (the fused op's backward). Records no backward.
+pub(crate) fn rms_norm_grad_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    g: &Tensor,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(
+        &g.contiguous()?,
+        &RmsNormGrad {
+            weight: weight.contiguous()?,
+            eps: eps as f32,
+        },
+    )
 }
 
 /// `dx = r·(g⊙w) − x·r³·Σ(g⊙w⊙x)/h` per row, `r = rsqrt(mean(x²) + eps)`.

@@ -107,6 +107,16 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     composed(x, cos, sin)
 }
 
+/// The adjoint of [`apply`] on `g`, the gradient of its output (the gradient of its input), for
+/// f32 on the CPU. Records no backward.
+pub(crate) fn adjoint_cpu(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op1_no_bwd(&Rotary {
+        cos: cos.contiguous()?.flatten_all()?.to_vec1::<f32>()?.into(),
+        sin: sin.contiguous()?.flatten_all()?.to_vec1::<f32>()?.into(),
+        transpose: true,
+    })
+}
+
 fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
     let half = x.dim(3)? / 2;

@@ -52,10 +52,16 @@ impl CustomOp1 for SwiGlu {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            arg.apply_op2_no_bwd(&grad_res.contiguous()?, &SwiGluGrad)?,
-        ))
+        Ok(Some(swiglu_grad_cpu(arg, grad_res)?))
     }
+}
+
+/// The gradient of `gate_up` given `g`, the gradient of [`swiglu`]'s output, for f32 on the
+/// CPU (the fused op's backward). Records no backward.
+pub(crate) fn swiglu_grad_cpu(gate_up: &Tensor, g: &Tensor) -> Result<Tensor> {
+    gate_up
+        .contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &SwiGluGrad)
 }
 
 /// d/dgate = g·u·σ(gate)·(1 + gate·(1 − σ(gate))), d/dup = g·gate·σ(gate).

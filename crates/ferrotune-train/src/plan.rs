@@ -22,6 +22,9 @@
 //! without candle's zero-filled buffers, and the head with its cross-entropy is one op. On
 //! the CPU in f32 the fused CPU ops, the fused head (no logits) and the fused attention (no score
 //! buffer kept between forward and backward) are modelled (`fused_head`, `fused_attention`).
+//! With recompute and those fused ops, each layer's backward is written out by hand
+//! (`ferrotune_model::decoder_backward`): no graph, and the plan counts the activations alive at
+//! its two peaks (`down_proj`'s backward and the softmax backward).
 //! Calibration: `fused_kernels_plan_matches_the_measured_h200_step` checks the plan against a
 //! peak measured on a GPU by `scripts/gpu-check.sh` (committed under `benches/gpu/`);
 //! `tests/plan_cpu_peak.rs` against the bytes allocated and the resident peak of CPU steps.
@@ -61,42 +64,65 @@ pub struct PlanInput {
     pub dtype_bytes: usize,
     /// `gradient_checkpointing`: per-layer recompute (`Phi3::loss_and_grads_recompute`).
     pub recompute: bool,
-    /// RMSNorm, RoPE, SwiGLU and the attention softmax run as fused ops: on CUDA with
-    /// `ferrotune-kernels` on, on the CPU in f32 (ferrotune's CPU ops); otherwise composed
-    /// candle ops.
-    pub fused_kernels: bool,
-    /// The head and its cross-entropy are one op: on the CPU in f32 it never holds the logits
-    /// (`head_loss.rs`), on CUDA it holds them in the model dtype only inside the forward
-    /// (`device_head_loss.rs`); otherwise logits and a composed cross-entropy.
-    pub fused_head: bool,
-    /// Attention is one graph node (`ferrotune_model::attention`): on the CPU in f32 it keeps
-    /// no `[b, heads, t, t]` buffer between forward and backward and recomputes the
-    /// probabilities in the backward; on CUDA with the fused kernels it keeps the probabilities
-    /// and skips candle's zero-filled score-sized gradients.
-    pub fused_attention: bool,
-    /// Each adapted linear is one graph node keeping only its output
-    /// (`ferrotune_model::lora_linear`: the CPU, and CUDA with the fused kernels).
-    pub fused_lora: bool,
+    /// Which ops run fused (see [`FusedOps`]).
+    pub ops: FusedOps,
     /// Planning for a GPU (CUDA's allocator; [`CUDA_CONTEXT_BYTES`] besides) rather than the
     /// CPU process's heap (mimalloc), which sets the overhead (see [`MemoryPlan::overhead`]).
     pub gpu: bool,
 }
 
-impl PlanInput {
-    /// Which ops a run uses on a GPU (`gpu`) or the CPU with `dtype_bytes`, as
-    /// `(fused_kernels, fused_head, fused_attention, fused_lora)`: on CUDA the fused kernels,
-    /// head, attention and LoRA linears unless `FERROTUNE_KERNELS=0`; on the CPU in f32 fused
-    /// ops, the fused head and the fused attention; on the CPU in bf16/f16 composed ops; fused
-    /// LoRA linears on the CPU always.
-    pub fn ops_for(gpu: bool, dtype_bytes: usize) -> (bool, bool, bool, bool) {
-        if gpu {
-            let k = ferrotune_model::kernels_enabled();
-            (k, k, k, k)
+/// The ops a run fuses, each changing what a step holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FusedOps {
+    /// RMSNorm, RoPE, SwiGLU and the attention softmax run as fused ops: on CUDA with
+    /// `ferrotune-kernels` on, on the CPU in f32 (ferrotune's CPU ops); otherwise composed
+    /// candle ops.
+    pub kernels: bool,
+    /// The head and its cross-entropy are one op: on the CPU in f32 it never holds the logits
+    /// (`head_loss.rs`), on CUDA it holds them in the model dtype only inside the forward
+    /// (`device_head_loss.rs`); otherwise logits and a composed cross-entropy.
+    pub head: bool,
+    /// Attention is one graph node (`ferrotune_model::attention`): on the CPU in f32 it keeps
+    /// no `[b, heads, t, t]` buffer between forward and backward and recomputes the
+    /// probabilities in the backward; on CUDA with the fused kernels it keeps the probabilities
+    /// and skips candle's zero-filled score-sized gradients.
+    pub attention: bool,
+    /// Each adapted linear is one graph node keeping only its output
+    /// (`ferrotune_model::lora_linear`: the CPU, and CUDA with the fused kernels).
+    pub lora: bool,
+    /// With recompute, each decoder layer's backward is written out by hand instead of run
+    /// through candle's graph (`ferrotune_model::decoder_backward`: the CPU in f32, and CUDA
+    /// with the fused kernels).
+    pub layer_backward: bool,
+}
+
+impl FusedOps {
+    /// What a run uses on a GPU (`gpu`) or the CPU with `dtype_bytes`: on CUDA everything unless
+    /// `FERROTUNE_KERNELS=0`; on the CPU in f32 everything; on the CPU in bf16/f16 only the
+    /// LoRA linears.
+    pub fn for_run(gpu: bool, dtype_bytes: usize) -> FusedOps {
+        let on = if gpu {
+            ferrotune_model::kernels_enabled()
         } else {
-            let f32 = dtype_bytes == 4;
-            (f32, f32, f32, true)
+            dtype_bytes == 4
+        };
+        FusedOps {
+            kernels: on,
+            head: on,
+            attention: on,
+            lora: on || !gpu,
+            layer_backward: on,
         }
     }
+
+    /// Every op fused (what a current binary runs on CUDA with its kernels on).
+    pub const ALL: FusedOps = FusedOps {
+        kernels: true,
+        head: true,
+        attention: true,
+        lora: true,
+        layer_backward: true,
+    };
 }
 
 /// Peak device memory of one training micro-step, by component. All sizes in bytes; the
@@ -258,6 +284,8 @@ struct Dims {
     /// recomputing them (the CPU).
     attention_keeps_probs: bool,
     fused_lora: bool,
+    /// The recompute's layer backward is hand-written (see [`FusedOps::layer_backward`]).
+    hand_backward: bool,
     /// On a GPU (the fused head keeps its gradient in the model dtype and forms all logits at
     /// once; on the CPU in f32, a chunk at a time).
     gpu: bool,
@@ -292,11 +320,12 @@ impl Dims {
             d,
             conv: u128::from(d != F32),
             dropout: p.lora.lora_dropout > 0.0,
-            fused: p.fused_kernels,
-            fused_head: p.fused_head,
-            fused_attention: p.fused_attention,
-            attention_keeps_probs: p.fused_attention && p.gpu,
-            fused_lora: p.fused_lora,
+            fused: p.ops.kernels,
+            fused_head: p.ops.head,
+            fused_attention: p.ops.attention,
+            attention_keeps_probs: p.ops.attention && p.gpu,
+            fused_lora: p.ops.lora,
+            hand_backward: p.ops.layer_backward && p.recompute,
             gpu: p.gpu,
             b: w(p.micro_batch),
             t: w(p.seq_len),
@@ -434,6 +463,47 @@ impl Dims {
         bytes + self.linear_kept(&down)
     }
 
+    /// The hand-written layer backward (`ferrotune_model::decoder_backward`): bytes per token
+    /// live at its two peaks besides the saved layer inputs and the incoming gradient, as
+    /// `(mlp, attention)`. The first comes with one score-sized buffer (the kept probabilities),
+    /// the second with three (those, their gradient and the scores').
+    ///
+    /// Kept from the re-run forward: the first norm's output and q, k, v (k and v repeated for
+    /// GQA) until the end; the attention output, the residual sum, the second norm's output,
+    /// `gate_up` and the SwiGLU output until the MLP's backward has read them; every adapted
+    /// linear's dropout mask until its own backward. At `down_proj`'s backward (the MLP peak) its
+    /// input gradient is being formed from `g·W` and the adapter's term (plus the masked input
+    /// with dropout); at the softmax backward (the attention peak) the residual stream's
+    /// gradient, the attention output's gradient in heads and `dv` exist.
+    fn hand_backward_peaks(&self, lora: &LoraConfig) -> (u128, u128) {
+        let [qkv, o, gate_up, down] = self.linears(lora);
+        let (h, i, a, d) = (self.hidden, self.inter, self.attn, self.d);
+        let mask = |l: &Linear| {
+            if l.targeted && self.dropout {
+                l.input * d
+            } else {
+                0
+            }
+        };
+        let kv = if self.heads != self.kv_heads {
+            a
+        } else {
+            self.kv
+        };
+        let to_the_end = h * d + mask(&qkv) + (a + 2 * kv) * d;
+        let down_forming = if down.targeted { 3 } else { 1 } * i * d + mask(&down);
+        let mlp = to_the_end
+            + a * d
+            + mask(&o)
+            + 2 * h * d
+            + mask(&gate_up)
+            + 3 * i * d
+            + mask(&down)
+            + down_forming;
+        let attention = to_the_end + h * d + 2 * a * d;
+        (mlp, attention)
+    }
+
     /// Leaked gradients of one layer created before its softmax backward runs (the backward
     /// walks the layer from its output): the second norm's weight, the dropout masks of down,
     /// gate_up and o_proj. Bytes per token.
@@ -530,19 +600,29 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
     // graph from a Var copy of its input; the backward is seeded with the incoming gradient
     // (`ferrotune_model::backward_seed`: that gradient and the copy candle keeps for the
     // output); plus the Var copy of the final hidden state the head starts from.
-    let with = l * n * h * d + n * h * d + n * (h * d + kept + leak_before + 2 * h * d) + casts;
+    let scores = dims.b * dims.heads * dims.t * dims.t;
+    let with = if dims.hand_backward {
+        // No graph: the saved inputs, the incoming gradient and the larger of the backward's two
+        // peaks; the attention peak's three score-sized buffers are `softmax_backward` below, so
+        // the MLP peak's one is counted here as what it lacks against them.
+        let (mlp, attention) = dims.hand_backward_peaks(lora);
+        l * n * h * d + n * h * d + (n * mlp).saturating_sub(2 * scores * d).max(n * attention)
+    } else {
+        l * n * h * d + n * h * d + n * (h * d + kept + leak_before + 2 * h * d) + casts
+    };
     let activations = if input.recompute { with } else { without };
 
     // The head's graph (and its leaked gradient): without recompute it stays until the layers
     // are done; with recompute it is freed before the first layer is re-run (see below).
     let head_kept = n * dims.head();
-    let scores = dims.b * dims.heads * dims.t * dims.t;
     // The fused softmax backward holds the incoming gradient, its own output and candle's summed
     // copy of it, all in the dtype; the composed one [`SOFTMAX_BACKWARD_BUFFERS`] in f32.
     // The fused attention's backward holds the recomputed probabilities, their gradient and the
     // scores' gradient, f32 (the CPU); on CUDA the gradients of the kept probabilities and of
     // the scores, in the dtype.
-    let softmax_backward = if dims.attention_keeps_probs {
+    let softmax_backward = if dims.hand_backward {
+        3 * scores * d
+    } else if dims.attention_keeps_probs {
         2 * scores * d
     } else if dims.fused_attention {
         3 * scores * F32
@@ -935,10 +1015,7 @@ mod tests {
             seq_len,
             dtype_bytes,
             recompute,
-            fused_kernels: false,
-            fused_head: false,
-            fused_attention: false,
-            fused_lora: false,
+            ops: FusedOps::default(),
             gpu: true,
         }
     }
@@ -1066,9 +1143,6 @@ mod tests {
         assert!(at(4, t) <= v.usable_bytes && at(4, t + 128) > v.usable_bytes);
     }
 
-    /// Which ops a measured binary fused: `(fused_lora, fused_attention, fused_head)`.
-    type Ops = (bool, bool, bool);
-
     /// The plan against what `scripts/gpu-check.sh` measured on a GPU: LoRA r 16 forward +
     /// backward of a Phi-3-mini-shaped model in bf16, 2048 tokens, recompute on, fused kernels
     /// (`ferrotune bench train`, device memory sampled every 2 ms). The step's working memory
@@ -1076,7 +1150,7 @@ mod tests {
     /// workspace and one set of LoRA gradients within 15%, and the memory in use before the step
     /// its weights, LoRA parameters and the CUDA context within 15%; the same run with the
     /// kernels off (candle's composed ops, composed LoRA linears) likewise.
-    fn check_against_gpu_report(report: &str, (fused_lora, fused_attention, fused_head): Ops) {
+    fn check_against_gpu_report(report: &str, ops: FusedOps) {
         let path = format!("{}/../../benches/gpu/{report}", env!("CARGO_MANIFEST_DIR"));
         let report: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -1099,10 +1173,7 @@ mod tests {
         };
         let start = on["ferrotune"]["device_bytes_at_start"].as_f64().unwrap();
         let i = PlanInput {
-            fused_kernels: true,
-            fused_lora,
-            fused_attention,
-            fused_head,
+            ops,
             ..input(
                 on["batch"].as_u64().unwrap() as usize,
                 on["seq"].as_u64().unwrap() as usize,
@@ -1146,10 +1217,7 @@ mod tests {
         }
         let off = bench("bench_train_phi3_mini_kernels_off");
         let c = estimate(&PlanInput {
-            fused_kernels: false,
-            fused_lora: false,
-            fused_attention: false,
-            fused_head: false,
+            ops: FusedOps::default(),
             ..i
         });
         let off_rel = (step_of(&c) - working(&off)) / working(&off);
@@ -1168,27 +1236,46 @@ mod tests {
     /// An H200 running a binary from before `lora_linear` (its LoRA linears composed).
     #[test]
     fn fused_kernels_plan_matches_the_measured_h200_step() {
-        check_against_gpu_report("h200-2026-11-26.json", (false, false, false));
+        let ops = FusedOps {
+            kernels: true,
+            ..FusedOps::default()
+        };
+        check_against_gpu_report("h200-2026-11-26.json", ops);
     }
 
     /// An H100 running commit 7dcd8a2: the fused kernels and one node per LoRA linear (attention
     /// still composed).
     #[test]
     fn fused_kernels_plan_matches_the_measured_h100_step() {
-        check_against_gpu_report("h100-2026-11-26.json", (true, false, false));
+        let ops = FusedOps {
+            kernels: true,
+            lora: true,
+            ..FusedOps::default()
+        };
+        check_against_gpu_report("h100-2026-11-26.json", ops);
     }
 
     /// The same H100 running commit d556ba0: attention one node as well (its kernels-off run was
     /// timed only).
     #[test]
     fn fused_attention_plan_matches_the_measured_h100_step() {
-        check_against_gpu_report("h100-2026-11-26-d556ba0.json", (true, true, false));
+        let ops = FusedOps {
+            kernels: true,
+            lora: true,
+            attention: true,
+            ..FusedOps::default()
+        };
+        check_against_gpu_report("h100-2026-11-26-d556ba0.json", ops);
     }
 
     /// The same H100 running commit aa4b367: the head and its cross-entropy one node too.
     #[test]
     fn fused_head_plan_matches_the_measured_h100_step() {
-        check_against_gpu_report("h100-2026-11-26-aa4b367.json", (true, true, true));
+        let ops = FusedOps {
+            layer_backward: false,
+            ..FusedOps::ALL
+        };
+        check_against_gpu_report("h100-2026-11-26-aa4b367.json", ops);
     }
 
     #[test]

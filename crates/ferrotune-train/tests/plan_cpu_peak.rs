@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use ferrotune_model::mask::AttentionLayout;
 use ferrotune_model::random_weights::RandomWeights;
 use ferrotune_model::{Batch, LoraConfig, Phi3, Phi3Config};
-use ferrotune_train::plan::{estimate, MemoryPlan, PlanInput, HOST_OVERHEAD_PERCENT};
+use ferrotune_train::plan::{estimate, FusedOps, MemoryPlan, PlanInput, HOST_OVERHEAD_PERCENT};
 use mimalloc::MiMalloc;
 
 /// Counts the bytes live at once on top of mimalloc.
@@ -105,7 +105,6 @@ fn config() -> Phi3Config {
 }
 
 fn plan(t: usize, recompute: bool) -> MemoryPlan {
-    let (fused_kernels, fused_head, fused_attention, fused_lora) = PlanInput::ops_for(false, 4);
     estimate(&PlanInput {
         model: config(),
         lora: LoraConfig::default(),
@@ -113,10 +112,7 @@ fn plan(t: usize, recompute: bool) -> MemoryPlan {
         seq_len: t,
         dtype_bytes: 4,
         recompute,
-        fused_kernels,
-        fused_head,
-        fused_attention,
-        fused_lora,
+        ops: FusedOps::for_run(false, 4),
         gpu: false,
     })
 }

@@ -3,7 +3,7 @@
 
 use ferrotune_model::weights::resolve_model;
 use ferrotune_model::{peft, Phi3Config};
-use ferrotune_train::plan::{self, PlanInput, Target};
+use ferrotune_train::plan::{self, FusedOps, PlanInput, Target};
 use ferrotune_train::setup::{lora_config, max_seq_length};
 use ferrotune_train::{Precision, TrainConfig};
 use serde_json::json;
@@ -26,8 +26,6 @@ pub fn input(cfg: &TrainConfig, gpu: bool) -> Result<PlanInput, Failure> {
         Precision::Auto if gpu => 2,
         Precision::Auto => 4,
     };
-    let (fused_kernels, fused_head, fused_attention, fused_lora) =
-        PlanInput::ops_for(gpu, dtype_bytes);
     Ok(PlanInput {
         model,
         lora,
@@ -35,10 +33,7 @@ pub fn input(cfg: &TrainConfig, gpu: bool) -> Result<PlanInput, Failure> {
         seq_len,
         dtype_bytes,
         recompute: cfg.gradient_checkpointing,
-        fused_kernels,
-        fused_head,
-        fused_attention,
-        fused_lora,
+        ops: FusedOps::for_run(gpu, dtype_bytes),
         gpu,
     })
 }

@@ -1,0 +1,106 @@
+//! The fused ops a decoder layer's hand-written backward ([`crate::decoder_backward`]) calls, each
+//! forward with its backward from the same family, so the two always agree:
+//! - [`LayerOps::CpuF32`]: the model's own rayon-parallel CPU ops (f32);
+//! - [`LayerOps::Kernels`]: ferrotune-kernels' ops, which run their CUDA kernels on a GPU and
+//!   their CPU references elsewhere (which is how the CPU tests cover the CUDA path's plumbing).
+
+use candle_core::{DType, Tensor};
+use candle_core::{Device, Result};
+
+use crate::softmax::{scaled_masked_softmax, SoftmaxGrad};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LayerOps {
+    CpuF32,
+    Kernels,
+}
+
+impl LayerOps {
+    /// The family for a layer whose input is `x` and whose norm weights are `norms`, or `None`
+    /// where neither applies (other dtypes on the CPU, `FERROTUNE_KERNELS=0` on CUDA): the
+    /// caller then differentiates through candle's graph.
+    pub(crate) fn for_layer(x: &Tensor, norms: [&Tensor; 2]) -> Option<LayerOps> {
+        if norms.iter().any(|w| w.dtype() != x.dtype()) {
+            return None;
+        }
+        match x.device() {
+            Device::Cpu if x.dtype() == DType::F32 => Some(LayerOps::CpuF32),
+            Device::Cuda(_) if ferrotune_kernels::enabled() => Some(LayerOps::Kernels),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        match self {
+            LayerOps::CpuF32 => crate::rms_norm::rms_norm(x, w, eps),
+            LayerOps::Kernels => ferrotune_kernels::rms_norm(x, w, eps),
+        }
+    }
+
+    pub(crate) fn rms_norm_grad(
+        self,
+        x: &Tensor,
+        w: &Tensor,
+        eps: f64,
+        g: &Tensor,
+    ) -> Result<Tensor> {
+        match self {
+            LayerOps::CpuF32 => crate::rms_norm::rms_norm_grad_cpu(x, w, eps, g),
+            LayerOps::Kernels => ferrotune_kernels::rms_norm_grad(x, w, eps, g),
+        }
+    }
+
+    pub(crate) fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self {
+            LayerOps::CpuF32 => crate::rope::apply(x, cos, sin),
+            LayerOps::Kernels => ferrotune_kernels::rope(x, cos, sin),
+        }
+    }
+
+    pub(crate) fn rope_adjoint(self, g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self {
+            LayerOps::CpuF32 => crate::rope::adjoint_cpu(g, cos, sin),
+            LayerOps::Kernels => ferrotune_kernels::rope_adjoint(g, cos, sin),
+        }
+    }
+
+    pub(crate) fn swiglu(self, gate_up: &Tensor) -> Result<Tensor> {
+        match self {
+            LayerOps::CpuF32 => crate::swiglu::swiglu(gate_up),
+            LayerOps::Kernels => ferrotune_kernels::swiglu(gate_up),
+        }
+    }
+
+    pub(crate) fn swiglu_grad(self, gate_up: &Tensor, g: &Tensor) -> Result<Tensor> {
+        match self {
+            LayerOps::CpuF32 => crate::swiglu::swiglu_grad_cpu(gate_up, g),
+            LayerOps::Kernels => ferrotune_kernels::swiglu_grad(gate_up, g),
+        }
+    }
+
+    /// Attention probabilities `softmax(scale · scores + bias)` in the scores' dtype.
+    pub(crate) fn softmax(self, scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+        match self {
+            LayerOps::CpuF32 => scaled_masked_softmax(scores, bias, scale),
+            LayerOps::Kernels => ferrotune_kernels::attention_softmax(scores, bias, scale),
+        }
+    }
+
+    /// The scores' gradient from the probabilities and their gradient.
+    pub(crate) fn softmax_grad(
+        self,
+        probs: &Tensor,
+        dprobs: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        match self {
+            LayerOps::CpuF32 => probs.contiguous()?.apply_op2_no_bwd(
+                &dprobs.contiguous()?,
+                &SoftmaxGrad {
+                    scale: scale as f32,
+                },
+            ),
+            LayerOps::Kernels => ferrotune_kernels::attention_softmax_grad(probs, dprobs, scale),
+        }
+    }
+}
