@@ -3,7 +3,7 @@
 //! packed documents and sliding window. Base weights are frozen tensors; only LoRA pairs are
 //! `Var`s. Every op here records a backward (no fused candle op that cuts the graph).
 
-use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
 
 use crate::attention::attention;
 use crate::config::Phi3Config;
@@ -714,11 +714,11 @@ pub(crate) fn split_heads(qkv: &Tensor, cfg: &Phi3Config) -> Result<(Tensor, Ten
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
+    // Viewed as `[b, t, heads, head_dim]` first, so each part is copied once (by the
+    // `contiguous` after the transpose), not also by a reshape of a strided narrow.
+    let all = qkv.reshape((b, t, nh + 2 * nkv, hd))?;
     let heads = |start: usize, n: usize| -> Result<Tensor> {
-        qkv.narrow(D::Minus1, start * hd, n * hd)?
-            .reshape((b, t, n, hd))?
-            .transpose(1, 2)?
-            .contiguous()
+        all.narrow(2, start, n)?.transpose(1, 2)?.contiguous()
     };
     Ok((heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?))
 }

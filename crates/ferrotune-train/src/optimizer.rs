@@ -18,53 +18,101 @@ pub struct AdamWSettings {
 }
 
 /// Moments for each parameter; `step` counts updates made.
+///
+/// The moments of all parameters live in two flat fp32 buffers, and an update runs its
+/// arithmetic once over all parameters concatenated: on a GPU, LoRA on Phi-3-mini is 256 small
+/// tensors, and a dozen kernels per tensor were thousands of launches per optimizer step. Each
+/// element sees exactly the arithmetic torch's single-tensor AdamW gives it.
 pub struct AdamW {
     pub settings: AdamWSettings,
     pub step: u64,
-    /// `(exp_avg, exp_avg_sq)` per parameter, fp32, same order as the parameters.
-    moments: Vec<(Tensor, Tensor)>,
+    /// `exp_avg` and `exp_avg_sq` of every parameter, concatenated in parameter order.
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    /// Each parameter's shape (its span of the flat buffers follows from the sizes).
+    shapes: Vec<candle_core::Shape>,
 }
 
 impl AdamW {
     pub fn new(settings: AdamWSettings, params: &[Var]) -> Result<AdamW> {
-        let moments = params
-            .iter()
-            .map(|p| {
-                let z = p.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
-                Ok((z.clone(), z))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let shapes: Vec<_> = params.iter().map(|p| p.shape().clone()).collect();
+        let n = shapes.iter().map(|s| s.elem_count()).sum::<usize>();
+        let device = params.first().map_or(Device::Cpu, |p| p.device().clone());
+        let zeros = Tensor::zeros(n, DType::F32, &device)?;
         Ok(AdamW {
             settings,
             step: 0,
-            moments,
+            exp_avg: zeros.clone(),
+            exp_avg_sq: zeros,
+            shapes,
         })
     }
 
     /// One update of every parameter with its gradient at learning rate `lr`.
     pub fn update(&mut self, params: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        if params.len() != self.shapes.len() || grads.len() != params.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "AdamW: {} parameters and {} gradients for an optimizer of {}",
+                params.len(),
+                grads.len(),
+                self.shapes.len()
+            ))
+            .into());
+        }
+        if params.is_empty() {
+            self.step += 1;
+            return Ok(());
+        }
         let s = self.settings;
         self.step += 1;
         let bias1 = 1.0 - s.beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - s.beta2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias1;
-        for ((p, g), (m, v)) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
-            let g = g.to_dtype(DType::F32)?;
-            let decayed = p.as_tensor().affine(1.0 - lr * s.weight_decay, 0.0)?;
-            // exp_avg.lerp_(grad, 1 - beta1)
-            *m = (&*m + ((&g - &*m)? * (1.0 - s.beta1))?)?;
-            *v = ((&*v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
-            let denom = ((v.sqrt()? / bias2_sqrt)? + s.eps)?;
-            let update = ((&*m / denom)? * step_size)?;
-            p.set(&(decayed - update)?)?;
+        let flat = |ts: &mut dyn Iterator<Item = &Tensor>| -> Result<Tensor> {
+            let parts = ts
+                .map(|t| t.to_dtype(DType::F32)?.flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 0)?)
+        };
+        let g = flat(&mut grads.iter())?;
+        let p = flat(&mut params.iter().map(|v| v.as_tensor()))?;
+        let decayed = p.affine(1.0 - lr * s.weight_decay, 0.0)?;
+        drop(p);
+        let (m, v) = (&self.exp_avg, &self.exp_avg_sq);
+        // exp_avg.lerp_(grad, 1 - beta1)
+        let m = (m + ((&g - m)? * (1.0 - s.beta1))?)?;
+        let v = ((v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
+        drop(g);
+        let denom = ((v.sqrt()? / bias2_sqrt)? + s.eps)?;
+        let updated = (decayed - ((&m / denom)? * step_size)?)?;
+        let mut at = 0;
+        for (param, shape) in params.iter().zip(&self.shapes) {
+            let n = shape.elem_count();
+            param.set(&updated.narrow(0, at, n)?.reshape(shape)?)?;
+            at += n;
         }
+        self.exp_avg = m;
+        self.exp_avg_sq = v;
         Ok(())
+    }
+
+    /// Each parameter's `(exp_avg, exp_avg_sq)`, in parameter order.
+    fn moments(&self) -> Result<Vec<(Tensor, Tensor)>> {
+        let mut at = 0;
+        let mut out = Vec::with_capacity(self.shapes.len());
+        for shape in &self.shapes {
+            let n = shape.elem_count();
+            let part = |t: &Tensor| t.narrow(0, at, n)?.reshape(shape);
+            out.push((part(&self.exp_avg)?, part(&self.exp_avg_sq)?));
+            at += n;
+        }
+        Ok(out)
     }
 
     /// Moments as named tensors (`{name}.exp_avg`, `{name}.exp_avg_sq`) on the CPU.
     pub fn state_tensors(&self, names: &[String]) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for (name, (m, v)) in names.iter().zip(&self.moments) {
+        for (name, (m, v)) in names.iter().zip(self.moments()?) {
             out.insert(format!("{name}.exp_avg"), m.to_device(&Device::Cpu)?);
             out.insert(format!("{name}.exp_avg_sq"), v.to_device(&Device::Cpu)?);
         }
@@ -80,28 +128,29 @@ impl AdamW {
         path: &Path,
         device: &Device,
     ) -> Result<()> {
-        for (name, (m, v)) in names.iter().zip(self.moments.iter_mut()) {
-            let get = |k: String, like: &Tensor| -> Result<Tensor> {
-                let t = tensors.get(&k).ok_or_else(|| TrainError::Checkpoint {
+        let get = |k: String, shape: &candle_core::Shape| -> Result<Tensor> {
+            let t = tensors.get(&k).ok_or_else(|| TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!(
+                    "optimizer state has no {k}; the checkpoint is from another adapter layout"
+                ),
+            })?;
+            if t.dims() != shape.dims() {
+                return Err(TrainError::Checkpoint {
                     path: path.to_path_buf(),
-                    message: format!(
-                        "optimizer state has no {k}; the checkpoint is from another adapter layout"
-                    ),
-                })?;
-                if t.dims() != like.dims() {
-                    return Err(TrainError::Checkpoint {
-                        path: path.to_path_buf(),
-                        message: format!(
-                            "{k} has shape {:?}, expected {:?}",
-                            t.dims(),
-                            like.dims()
-                        ),
-                    });
-                }
-                Ok(t.to_dtype(DType::F32)?.to_device(device)?)
-            };
-            *m = get(format!("{name}.exp_avg"), m)?;
-            *v = get(format!("{name}.exp_avg_sq"), v)?;
+                    message: format!("{k} has shape {:?}, expected {:?}", t.dims(), shape.dims()),
+                });
+            }
+            Ok(t.to_dtype(DType::F32)?.to_device(device)?.flatten_all()?)
+        };
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for (name, shape) in names.iter().zip(&self.shapes) {
+            m.push(get(format!("{name}.exp_avg"), shape)?);
+            v.push(get(format!("{name}.exp_avg_sq"), shape)?);
+        }
+        if !m.is_empty() {
+            self.exp_avg = Tensor::cat(&m, 0)?;
+            self.exp_avg_sq = Tensor::cat(&v, 0)?;
         }
         self.step = step;
         Ok(())
@@ -114,20 +163,21 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(combine_norms(&tensor_norms(grads)?))
 }
 
-/// Each gradient's own L2 norm (computed in f32, as torch does per tensor).
+/// Each gradient's own L2 norm (computed in f32, as torch does per tensor), read back from the
+/// device once for all of them.
 pub fn tensor_norms(grads: &[Tensor]) -> Result<Vec<f64>> {
-    grads
+    if grads.is_empty() {
+        return Ok(Vec::new());
+    }
+    let norms = grads
         .iter()
-        .map(|g| {
-            Ok(f64::from(
-                g.to_dtype(DType::F32)?
-                    .sqr()?
-                    .sum_all()?
-                    .sqrt()?
-                    .to_scalar::<f32>()?,
-            ))
-        })
-        .collect()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?.reshape(1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&norms, 0)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect())
 }
 
 /// The norm of per-tensor norms, summed in tensor order (so ranks holding different tensors
@@ -173,6 +223,105 @@ mod tests {
         for (got, want) in v.iter().zip([0.99f32, -1.99, 0.49]) {
             assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
+    }
+
+    /// torch's single-tensor AdamW, one tensor at a time (what `update` computed before its
+    /// moments were flattened).
+    fn per_tensor_step(
+        s: AdamWSettings,
+        step: u64,
+        p: &Tensor,
+        g: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        lr: f64,
+    ) -> Tensor {
+        let bias1 = 1.0 - s.beta1.powi(step as i32);
+        let bias2_sqrt = (1.0 - s.beta2.powi(step as i32)).sqrt();
+        let decayed = p.affine(1.0 - lr * s.weight_decay, 0.0).unwrap();
+        *m = (&*m + ((g - &*m).unwrap() * (1.0 - s.beta1)).unwrap()).unwrap();
+        *v = ((&*v * s.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - s.beta2)).unwrap()).unwrap();
+        let denom = ((v.sqrt().unwrap() / bias2_sqrt).unwrap() + s.eps).unwrap();
+        let update = ((&*m / denom).unwrap() * (lr / bias1)).unwrap();
+        (decayed - update).unwrap()
+    }
+
+    /// Over several steps with weight decay, tensors of different shapes get bit for bit the
+    /// per-tensor update, and the moments saved and loaded into a fresh optimizer continue it
+    /// exactly.
+    #[test]
+    fn flat_update_equals_the_per_tensor_update_and_resumes_exactly() {
+        let cpu = &Device::Cpu;
+        let settings = AdamWSettings {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let shapes: [&[usize]; 3] = [&[4, 3], &[5], &[2, 7]];
+        let params: Vec<Var> = shapes
+            .iter()
+            .map(|s| Var::from_tensor(&Tensor::randn(0f32, 1.0, *s, cpu).unwrap()).unwrap())
+            .collect();
+        let mut reference: Vec<(Tensor, Tensor, Tensor)> = params
+            .iter()
+            .map(|p| {
+                let t = p.as_tensor().copy().unwrap();
+                (t.clone(), t.zeros_like().unwrap(), t.zeros_like().unwrap())
+            })
+            .collect();
+        let mut opt = AdamW::new(settings, &params).unwrap();
+        let names: Vec<String> = (0..3).map(|i| format!("p{i}")).collect();
+        let mut resumed: Option<(Vec<Var>, AdamW)> = None;
+        for step in 1..=4u64 {
+            let grads: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| Tensor::randn(0f32, 1.0, *s, cpu).unwrap())
+                .collect();
+            let lr = 1e-2 / step as f64;
+            opt.update(&params, &grads, lr).unwrap();
+            for ((p, m, v), g) in reference.iter_mut().zip(&grads) {
+                *p = per_tensor_step(settings, step, p, g, m, v, lr);
+            }
+            if let Some((ps, o)) = resumed.as_mut() {
+                o.update(ps, &grads, lr).unwrap();
+            }
+            for (i, (p, (want, _, _))) in params.iter().zip(&reference).enumerate() {
+                let got = p
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(got, want, "step {step}: parameter {i}");
+                if let Some((ps, _)) = &resumed {
+                    let r = ps[i]
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    assert_eq!(r, want, "step {step}: resumed parameter {i}");
+                }
+            }
+            if step == 2 {
+                let state = opt.state_tensors(&names).unwrap();
+                let ps: Vec<Var> = params
+                    .iter()
+                    .map(|p| Var::from_tensor(&p.as_tensor().copy().unwrap()).unwrap())
+                    .collect();
+                let mut o = AdamW::new(settings, &ps).unwrap();
+                o.load_state(&names, &state, 2, Path::new("ckpt"), cpu)
+                    .unwrap();
+                resumed = Some((ps, o));
+            }
+        }
+        let wrong = opt.update(&params[..2], &[], 1e-3);
+        assert!(
+            wrong.is_err(),
+            "a parameter list of another length is refused"
+        );
     }
 
     #[test]

@@ -423,9 +423,9 @@ impl Dims {
         let [qkv, o, gate_up, down] = self.linears(lora);
         let (h, d, a, kv) = (self.hidden, self.d, self.attn, self.kv);
         let mut bytes = self.norm_kept() + self.linear_kept(&qkv);
-        // q, k, v: `narrow` + `reshape` copies (the narrow is strided), then the `contiguous`
-        // copy after the transpose: two copies of the qkv output.
-        bytes += 2 * self.qkv * d;
+        // q, k, v: views of the qkv output narrowed and transposed, then one `contiguous` copy
+        // each (binaries before 2026-11-26's evening also copied the strided narrow: one more).
+        bytes += self.qkv * d;
         // RoPE on q and k: fused, the outputs; composed, `-x2` (half), `cat`, `x·cos`, `rot·sin`,
         // the sum.
         bytes += if self.fused {
