@@ -143,6 +143,12 @@ run bench_train_phi3_mini 300 "$ft" --json bench train --device cuda --dtype bf1
 run bench_train_phi3_mini_dropout 300 "$ft" --json bench train --device cuda --dtype bf16 --recompute \
   "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 --lora-dropout 0.05 --python python3
 
+# The recompute's layer backward through candle's graph instead of the hand-written one, on the
+# same machine: what the hand-written backward gains.
+run bench_train_phi3_mini_graph_backward 300 env FERROTUNE_LAYER_BACKWARD=graph "$ft" --json bench \
+  train --device cuda --dtype bf16 --recompute "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 \
+  --warmup 2 --no-reference
+
 run bench_train_phi3_mini_kernels_off 300 env FERROTUNE_KERNELS=0 "$ft" --json bench train \
   --device cuda --dtype bf16 --recompute "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 --warmup 2 \
   --no-reference

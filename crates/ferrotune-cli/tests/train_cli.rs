@@ -375,6 +375,27 @@ fn plan_gives_a_verdict_for_gpus_and_azure_sizes() {
         .assert()
         .code(2)
         .stderr(contains("K80"));
+    // With recompute, the hand-written layer backward plans less than the graph's
+    // (`FERROTUNE_LAYER_BACKWARD=graph`), which the plan follows like the run does.
+    let activations = |graph: bool| {
+        let mut cmd = ferrotune();
+        cmd.args([
+            "plan",
+            "--json",
+            "--gpu",
+            "H100-80GB",
+            "--set",
+            "gradient_checkpointing=true",
+            "--config",
+        ])
+        .arg(&cfg);
+        if graph {
+            cmd.env("FERROTUNE_LAYER_BACKWARD", "graph");
+        }
+        json_ok(&mut cmd)["plan"]["activations"].as_u64().unwrap()
+    };
+    let (hand, graph) = (activations(false), activations(true));
+    assert!(hand < graph, "hand-written {hand} vs graph {graph}");
     // No GPU named: the plan is for this machine's CPU, checked against its available memory.
     if std::path::Path::new("/proc/meminfo").exists() {
         let v = json_ok(ferrotune().args(["plan", "--json", "--config"]).arg(&cfg));

@@ -9,6 +9,14 @@ use candle_core::{Device, Result};
 
 use crate::softmax::{scaled_masked_softmax, SoftmaxGrad};
 
+/// Whether recompute's layer backward is the hand-written one where it applies: yes unless
+/// `FERROTUNE_LAYER_BACKWARD=graph`, which differentiates through candle's graph instead (for A/B
+/// runs on a GPU, and a way around the hand-written path without a rebuild).
+pub fn hand_written_backward() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FERROTUNE_LAYER_BACKWARD").map_or(true, |v| v != "graph"))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum LayerOps {
     CpuF32,
@@ -20,7 +28,7 @@ impl LayerOps {
     /// where neither applies (other dtypes on the CPU, `FERROTUNE_KERNELS=0` on CUDA): the
     /// caller then differentiates through candle's graph.
     pub(crate) fn for_layer(x: &Tensor, norms: [&Tensor; 2]) -> Option<LayerOps> {
-        if norms.iter().any(|w| w.dtype() != x.dtype()) {
+        if !hand_written_backward() || norms.iter().any(|w| w.dtype() != x.dtype()) {
             return None;
         }
         match x.device() {

@@ -34,5 +34,6 @@ pub use config::{Phi3Config, RopeScaling};
 pub use error::{ModelError, Result};
 /// Whether the fused CUDA kernels are in use (`FERROTUNE_KERNELS=0` turns them off).
 pub use ferrotune_kernels::enabled as kernels_enabled;
+pub use layer_ops::hand_written_backward;
 pub use lora::{LoraConfig, LoraPair};
 pub use phi3::{Batch, Phi3};

@@ -508,6 +508,27 @@ impl Phi3 {
         labels: &[Vec<i64>],
         scale: f64,
     ) -> Result<(f32, usize, Vec<Tensor>)> {
+        self.recompute(batch, labels, scale, true)
+    }
+
+    /// [`Phi3::loss_and_grads_recompute`] with every layer's backward through candle's graph
+    /// (what `FERROTUNE_LAYER_BACKWARD=graph` runs; the tests' second reference).
+    pub fn loss_and_grads_recompute_through_graph(
+        &self,
+        batch: &Batch,
+        labels: &[Vec<i64>],
+        scale: f64,
+    ) -> Result<(f32, usize, Vec<Tensor>)> {
+        self.recompute(batch, labels, scale, false)
+    }
+
+    fn recompute(
+        &self,
+        batch: &Batch,
+        labels: &[Vec<i64>],
+        scale: f64,
+        by_hand: bool,
+    ) -> Result<(f32, usize, Vec<Tensor>)> {
         let (cos, sin) = self
             .rope
             .cos_sin(&batch.positions, self.dtype, &self.device)?;
@@ -554,7 +575,8 @@ impl Phi3 {
         };
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let norms = [&layer.input_layernorm, &layer.post_attention_layernorm];
-            if let Some(ops) = LayerOps::for_layer(&inputs[l], norms) {
+            let ops = LayerOps::for_layer(&inputs[l], norms).filter(|_| by_hand);
+            if let Some(ops) = ops {
                 let g = layer.grads(ops, &inputs[l], &at, &self.cfg, &grad)?;
                 for (i, (da, db)) in g.pairs.into_iter().enumerate() {
                     out[first_var[l] + 2 * i] = Some(da);

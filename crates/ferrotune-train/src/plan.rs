@@ -99,7 +99,8 @@ pub struct FusedOps {
 impl FusedOps {
     /// What a run uses on a GPU (`gpu`) or the CPU with `dtype_bytes`: on CUDA everything unless
     /// `FERROTUNE_KERNELS=0`; on the CPU in f32 everything; on the CPU in bf16/f16 only the
-    /// LoRA linears.
+    /// LoRA linears; the layer backward through the graph under
+    /// `FERROTUNE_LAYER_BACKWARD=graph`.
     pub fn for_run(gpu: bool, dtype_bytes: usize) -> FusedOps {
         let on = if gpu {
             ferrotune_model::kernels_enabled()
@@ -111,7 +112,7 @@ impl FusedOps {
             head: on,
             attention: on,
             lora: on || !gpu,
-            layer_backward: on,
+            layer_backward: on && ferrotune_model::hand_written_backward(),
         }
     }
 
