@@ -91,6 +91,22 @@ if [ -x "$bin/test-cuda_parity" ]; then
     --ignored --nocapture --test-threads 1 fixtures_in_bf16
 fi
 
+# compute-sanitizer's memcheck over every kernel's parity test (odd sizes, all dtypes) and the
+# hand-written layer backward on CUDA ([kernels]: "memcheck clean"). The device image carries the
+# tool; where it is missing or refuses the device (gVisor) the step records that, and fails.
+sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+if [ -n "$sanitizer" ] && [ -x "$bin/test-kernel_parity" ]; then
+  run memcheck_kernel_parity 150 "$sanitizer" --tool memcheck --error-exitcode 99 \
+    "$bin/test-kernel_parity" --ignored --test-threads 1
+  if [ -x "$bin/test-cuda_parity" ]; then
+    run memcheck_hand_written_backward 120 "$sanitizer" --tool memcheck --error-exitcode 99 \
+      "$bin/test-cuda_parity" --ignored --test-threads 1 hand_written_layer_backward_on_cuda
+  fi
+else
+  say "memcheck: no compute-sanitizer on this machine"
+  record memcheck 127 0 '"compute-sanitizer not found"'
+fi
+
 # End to end: `ferrotune train` of the bundled recipe on the GPU (prepare, train, eval, checkpoint).
 # Outputs go to a scratch folder: $OUT brings back only a few files.
 scratch="$(mktemp -d)"
