@@ -149,14 +149,16 @@ impl AdamW {
         Ok(())
     }
 
-    /// Each parameter's `(exp_avg, exp_avg_sq)`, in parameter order.
+    /// Each parameter's `(exp_avg, exp_avg_sq)`, in parameter order, each in storage of its own:
+    /// a view into the bucket would take the whole bucket along wherever it goes (candle's
+    /// `to_device` moves a tensor's entire storage), 256 times for Phi-3-mini's checkpoint.
     fn moments(&self) -> Result<Vec<(Tensor, Tensor)>> {
         let mut out = Vec::with_capacity(self.shapes.len());
         for bucket in &self.buckets {
             let mut at = 0;
             for shape in &self.shapes[bucket.params.clone()] {
                 let n = shape.elem_count();
-                let part = |t: &Tensor| t.narrow(0, at, n)?.reshape(shape);
+                let part = |t: &Tensor| t.narrow(0, at, n)?.force_contiguous()?.reshape(shape);
                 out.push((part(&bucket.exp_avg)?, part(&bucket.exp_avg_sq)?));
                 at += n;
             }
@@ -381,6 +383,11 @@ mod tests {
             }
             if step == 2 {
                 let state = opt.state_tensors(&names).unwrap();
+                for (k, t) in &state {
+                    // Not a view into the bucket (which would carry all of it to the CPU).
+                    assert_eq!(t.layout().start_offset(), 0, "limit {limit}: {k}");
+                    assert!(t.is_contiguous());
+                }
                 let ps: Vec<Var> = params
                     .iter()
                     .map(|p| Var::from_tensor(&p.as_tensor().copy().unwrap()).unwrap())
