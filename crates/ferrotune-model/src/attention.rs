@@ -16,7 +16,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::handover::Handover;
-use crate::softmax::{attention_probs, scaled_masked_softmax, SoftmaxGrad};
+use crate::layer_ops::LayerOps;
+use crate::softmax::{attention_probs, scaled_masked_softmax};
 
 /// `softmax(scale · q·kᵀ + bias) · v` for `q` `[b, h, tq, d]`, `k`/`v` `[b, h, tk, d]` (heads
 /// already repeated for GQA) and an f32 `bias` `[b, 1, tq, tk]`; `[b, h, tq, d]` out.
@@ -95,19 +96,15 @@ impl CustomOp3 for AttentionBackward {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached, so the gradients returned hold no graph (and no score buffer) alive.
         let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let scale = self.scale;
         let (dq, dk, dv) = match &self.probs {
             Some(probs) => attention_grads(&q, &k, &v, probs, &g, |p, dp| {
-                ferrotune_kernels::attention_softmax_grad(p, dp, self.scale)
+                LayerOps::Kernels.softmax_grad(p, dp, scale)
             })?,
             None => {
-                let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, &self.bias, self.scale)?;
+                let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, &self.bias, scale)?;
                 attention_grads(&q, &k, &v, &probs, &g, |p, dp| {
-                    p.apply_op2_no_bwd(
-                        &dp.contiguous()?,
-                        &SoftmaxGrad {
-                            scale: self.scale as f32,
-                        },
-                    )
+                    LayerOps::CpuF32.softmax_grad(p, dp, scale)
                 })?
             }
         };
