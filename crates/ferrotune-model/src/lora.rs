@@ -172,11 +172,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match &self.lora {
             Some(l) if train && fused_training(x) => {
-                let mask = if l.dropout > 0.0 {
-                    Some(l.dropout_mask(x)?)
-                } else {
-                    None
-                };
+                let mask = self.dropout_mask_for(x)?;
                 crate::lora_linear::lora_linear(
                     x,
                     self.base.weight(),
