@@ -30,7 +30,99 @@ pub(crate) struct Positions<'a> {
     pub bias: &'a Tensor,
 }
 
+/// A layer's forward activations that its backward reads, from [`DecoderLayer::forward_kept`].
+struct Activations {
+    h1: Tensor,
+    qkv_mask: Option<Tensor>,
+    /// Query, key and value heads after RoPE and (for GQA) repetition, `[b, heads, t, d]`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    probs: Tensor,
+    /// The attention output `[b, t, heads·d]` (`o_proj`'s input).
+    attn: Tensor,
+    o_mask: Option<Tensor>,
+    /// The residual stream after attention.
+    x1: Tensor,
+    h2: Tensor,
+    gate_up: Tensor,
+    gate_up_mask: Option<Tensor>,
+    /// SwiGLU's output (`down_proj`'s input).
+    act: Tensor,
+}
+
 impl DecoderLayer {
+    /// The layer's training output for `x` without an autograd graph, computed with the same
+    /// ops (and dropout masks) as [`DecoderLayer::grads`] recomputes it: recompute's first pass,
+    /// which needs only the output. Through the graph, every op of it would be recorded (and on
+    /// CUDA the attention node would keep its probabilities) only to be dropped unread.
+    pub(crate) fn forward_untracked(
+        &self,
+        ops: LayerOps,
+        x: &Tensor,
+        at: &Positions<'_>,
+        cfg: &Phi3Config,
+    ) -> Result<Tensor> {
+        let Activations { x1, act, .. } = self.forward_kept(ops, x, at, cfg)?;
+        let (down, _) = self.down_proj.forward_for_grads(&act)?;
+        x1 + down
+    }
+
+    /// The forward up to `down_proj`'s input, keeping what the backward reads.
+    fn forward_kept(
+        &self,
+        ops: LayerOps,
+        x: &Tensor,
+        at: &Positions<'_>,
+        cfg: &Phi3Config,
+    ) -> Result<Activations> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let groups = nh / nkv;
+        let eps = cfg.rms_norm_eps;
+        let h1 = ops.rms_norm(x, &self.input_layernorm, eps)?;
+        let (qkv, qkv_mask) = self.qkv_proj.forward_for_grads(&h1)?;
+        // Scoped: a shadowed binding would keep the pre-RoPE heads alive to the end.
+        let (q, k, v) = {
+            let (q, k, v) = split_heads(&qkv, cfg)?;
+            drop(qkv);
+            (
+                ops.rope(&q, at.cos, at.sin)?,
+                repeat_kv(&ops.rope(&k, at.cos, at.sin)?, groups)?,
+                repeat_kv(&v, groups)?,
+            )
+        };
+        let probs = ops.softmax(&q.matmul(&k.t()?)?, at.bias, attention_scale(cfg))?;
+        let attn = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        let (o, o_mask) = self.o_proj.forward_for_grads(&attn)?;
+        let x1 = (x + o)?;
+        let h2 = ops.rms_norm(&x1, &self.post_attention_layernorm, eps)?;
+        let (gate_up, gate_up_mask) = self.gate_up_proj.forward_for_grads(&h2)?;
+        let act = ops.swiglu(&gate_up)?;
+        Ok(Activations {
+            h1,
+            qkv_mask,
+            q,
+            k,
+            v,
+            probs,
+            attn,
+            o_mask,
+            x1,
+            h2,
+            gate_up,
+            gate_up_mask,
+            act,
+        })
+    }
+
     /// The gradients of `x` (the layer's input, untracked) and of the LoRA pairs, given `grad`,
     /// the gradient of the layer's training output. Equal to differentiating
     /// [`DecoderLayer::forward`] through candle's graph; dropout masks are drawn again from the
@@ -44,38 +136,25 @@ impl DecoderLayer {
         grad: &Tensor,
     ) -> Result<LayerGrads> {
         let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let groups = nh / nkv;
+        let (nh, hd) = (cfg.num_attention_heads, cfg.head_dim);
+        let groups = nh / cfg.num_key_value_heads;
         let eps = cfg.rms_norm_eps;
-        let scale = 1.0 / (hd as f64).sqrt();
-
-        // Forward, keeping what the backward reads.
-        let h1 = ops.rms_norm(x, &self.input_layernorm, eps)?;
-        let (qkv, qkv_mask) = self.qkv_proj.forward_for_grads(&h1)?;
-        // Scoped: a shadowed binding would keep the pre-RoPE heads alive to the end.
-        let (q, k, v) = {
-            let (q, k, v) = split_heads(&qkv, cfg)?;
-            drop(qkv);
-            (
-                ops.rope(&q, at.cos, at.sin)?,
-                repeat_kv(&ops.rope(&k, at.cos, at.sin)?, groups)?,
-                repeat_kv(&v, groups)?,
-            )
-        };
-        let probs = ops.softmax(&q.matmul(&k.t()?)?, at.bias, scale)?;
-        let attn = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        let (o, o_mask) = self.o_proj.forward_for_grads(&attn)?;
-        let x1 = (x + o)?;
-        let h2 = ops.rms_norm(&x1, &self.post_attention_layernorm, eps)?;
-        let (gate_up, gate_up_mask) = self.gate_up_proj.forward_for_grads(&h2)?;
-        let act = ops.swiglu(&gate_up)?;
+        let scale = attention_scale(cfg);
+        let Activations {
+            h1,
+            qkv_mask,
+            q,
+            k,
+            v,
+            probs,
+            attn,
+            o_mask,
+            x1,
+            h2,
+            gate_up,
+            gate_up_mask,
+            act,
+        } = self.forward_kept(ops, x, at, cfg)?;
         let down_mask = self.down_proj.dropout_mask_for(&act)?;
 
         // Backward, freeing each activation once read.
@@ -115,6 +194,11 @@ impl DecoderLayer {
             .collect();
         Ok(LayerGrads { input, pairs })
     }
+}
+
+/// `1/√head_dim`, the scores' scale.
+fn attention_scale(cfg: &Phi3Config) -> f64 {
+    1.0 / (cfg.head_dim as f64).sqrt()
 }
 
 /// The gradient of [`repeat_kv`]: `[b, kv·n, t, d]` summed over each kv head's `n` copies.
@@ -352,6 +436,57 @@ mod tests {
                     "bf16 dropout {dropout}: gradient {i} off f32 by {eh}, the graph's by {eg}"
                 );
             }
+        }
+    }
+
+    /// Recompute's first pass: the untracked forward gives the graph forward's output (the same
+    /// dropout masks included) and records nothing.
+    #[test]
+    fn untracked_forward_equals_the_graph_forward() {
+        let cpu = &Device::Cpu;
+        let (b, t) = (2, 5);
+        let positions = vec![(0..t as u32).collect::<Vec<_>>(); b];
+        let bias = AttentionLayout {
+            padding: None,
+            documents: None,
+            sliding_window: None,
+        }
+        .bias(b, t, cpu)
+        .unwrap();
+        let drawn = Rc::new(RefCell::new(HashMap::new()));
+        let bs: Vec<Tensor> = [[48, 4], [24, 4], [80, 4], [24, 4]]
+            .iter()
+            .enumerate()
+            .map(|(i, d)| draw(d, 0.05, i as u64))
+            .collect();
+        let model = one_layer(
+            &Fixed {
+                dtype: DType::F32,
+                drawn,
+            },
+            &bs,
+            0.25,
+        );
+        let (cfg, layer) = (model.config(), &model.layers[0]);
+        let (cos, sin) = model.rope.cos_sin(&positions, DType::F32, cpu).unwrap();
+        let x = draw(&[b, t, HIDDEN], 1.0, 10);
+        let graph = layer
+            .forward(&x, &cos, &sin, &bias, cfg, true, None)
+            .unwrap();
+        assert!(graph.track_op(), "the graph forward is recorded");
+        let at = Positions {
+            cos: &cos,
+            sin: &sin,
+            bias: &bias,
+        };
+        for ops in [LayerOps::CpuF32, LayerOps::Kernels] {
+            let untracked = layer.forward_untracked(ops, &x, &at, cfg).unwrap();
+            assert!(
+                !untracked.track_op(),
+                "{ops:?}: the untracked forward is recorded"
+            );
+            let d = relative(&untracked, &graph);
+            assert!(d <= 1e-6, "{ops:?}: output differs by {d}");
         }
     }
 }

@@ -83,15 +83,23 @@ impl LoraPair {
         })
     }
 
-    /// `scale · dropout(x)·Aᵀ·Bᵀ` for `x` `[..., in]`, computed in `x`'s dtype.
+    /// `scale · dropout(x)·Aᵀ·Bᵀ` for `x` `[..., in]`, computed in `x`'s dtype. Outside
+    /// training the adapter is detached: through its variables every op downstream would
+    /// otherwise be recorded, and the output would keep the whole forward's activations alive
+    /// (an evaluation pass would hold as much as a training step without recompute).
     pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = if train && self.dropout > 0.0 {
             (x * self.dropout_mask(x)?)?
         } else {
             x.clone()
         };
-        let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        let (a, b) = if train {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        };
+        let a = a.to_dtype(x.dtype())?;
+        let b = b.to_dtype(x.dtype())?;
         x.broadcast_matmul(&a.t()?)?
             .broadcast_matmul(&b.t()?)?
             .affine(self.scale, 0.0)

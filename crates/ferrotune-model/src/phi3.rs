@@ -533,13 +533,21 @@ impl Phi3 {
             .rope
             .cos_sin(&batch.positions, self.dtype, &self.device)?;
         let bias = &batch.attention_bias;
+        let at = crate::decoder_backward::Positions {
+            cos: &cos,
+            sin: &sin,
+            bias,
+        };
         let mut inputs = Vec::with_capacity(self.layers.len());
         let mut x = self.embed(&batch.input_ids)?.detach();
         for layer in &self.layers {
             inputs.push(x.clone());
-            x = layer
-                .forward(&x, &cos, &sin, bias, &self.cfg, true, None)?
-                .detach();
+            x = match layer.hand_written_ops(&x).filter(|_| by_hand) {
+                Some(ops) => layer.forward_untracked(ops, &x, &at, &self.cfg)?,
+                None => layer
+                    .forward(&x, &cos, &sin, bias, &self.cfg, true, None)?
+                    .detach(),
+            };
         }
         // Head: norm, projection, loss; its gradient w.r.t. the last hidden state starts the chain.
         // Scoped so the logits, their graph and the head's gradients are freed before the
@@ -568,15 +576,8 @@ impl Phi3 {
                 .filter(|(_, l)| l.lora.is_some())
                 .count();
         }
-        let at = crate::decoder_backward::Positions {
-            cos: &cos,
-            sin: &sin,
-            bias,
-        };
         for (l, layer) in self.layers.iter().enumerate().rev() {
-            let norms = [&layer.input_layernorm, &layer.post_attention_layernorm];
-            let ops = LayerOps::for_layer(&inputs[l], norms).filter(|_| by_hand);
-            if let Some(ops) = ops {
+            if let Some(ops) = layer.hand_written_ops(&inputs[l]).filter(|_| by_hand) {
                 let g = layer.grads(ops, &inputs[l], &at, &self.cfg, &grad)?;
                 for (i, (da, db)) in g.pairs.into_iter().enumerate() {
                     out[first_var[l] + 2 * i] = Some(da);
@@ -633,6 +634,11 @@ impl Phi3 {
 }
 
 impl DecoderLayer {
+    /// The op family of the hand-written backward for input `x`, where it applies.
+    fn hand_written_ops(&self, x: &Tensor) -> Option<LayerOps> {
+        LayerOps::for_layer(x, [&self.input_layernorm, &self.post_attention_layernorm])
+    }
+
     fn linears(&self) -> [(&'static str, &Linear); 4] {
         [
             ("qkv_proj", &self.qkv_proj),

@@ -108,6 +108,11 @@ fn merged_weights_give_the_adapter_logits_and_unmerge_restores_the_base() {
         let mut c = load(name);
         peft::load_adapter(&mut c.model, &case_dir(name).join("adapter")).unwrap();
         let with_adapter = c.model.logits(&c.batch, false).unwrap();
+        // Inference records no graph: a recorded one keeps every layer's activations alive.
+        assert!(
+            !with_adapter.track_op(),
+            "{name}: inference logits with an adapter carry an autograd graph"
+        );
         c.model.merge_lora().unwrap();
         assert!(
             c.model.lora_pairs().is_empty(),
