@@ -6,6 +6,7 @@
 
 pub mod attention_softmax;
 pub mod cross_entropy;
+pub mod decode_attention;
 pub mod dropout;
 #[cfg(feature = "cuda")]
 mod launch;
@@ -13,14 +14,17 @@ mod launch;
 mod ptx;
 pub mod rms_norm;
 pub mod rope;
+pub mod rope_qkv;
 mod rows;
 pub mod swiglu;
 
 pub use attention_softmax::{attention_softmax, attention_softmax_grad};
 pub use cross_entropy::{cross_entropy_grad, cross_entropy_nll, NO_TARGET};
+pub use decode_attention::decode_attention;
 pub use dropout::dropout_mask;
-pub use rms_norm::{rms_norm, rms_norm_grad};
+pub use rms_norm::{add_rms_norm, rms_norm, rms_norm_grad, rms_norm_grad_add};
 pub use rope::{rope, rope_adjoint};
+pub use rope_qkv::{rope_qkv, rope_qkv_adjoint};
 pub use swiglu::{swiglu, swiglu_grad};
 
 /// Whether the fused kernels are used where they apply: yes unless `FERROTUNE_KERNELS=0`, which

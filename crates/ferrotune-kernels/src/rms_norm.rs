@@ -33,8 +33,68 @@ pub fn rms_norm_grad(x: &Tensor, weight: &Tensor, eps: f64, g: &Tensor) -> Resul
         &RmsNormGrad {
             weight: weight.contiguous()?,
             eps: eps as f32,
+            residual: None,
         },
     )
+}
+
+/// The gradient of [`rms_norm`]'s input plus `residual` (the gradient the other branch of a
+/// residual join brings), in one pass: `residual + rms_norm_grad(x, weight, eps, g)`, with the
+/// same roundings. Records no backward.
+pub fn rms_norm_grad_add(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    g: &Tensor,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    check_weight("rms_norm_grad_add", x, weight)?;
+    for (name, t) in [("gradient", g), ("residual", residual)] {
+        if t.dims() != x.dims() {
+            candle_core::bail!(
+                "rms_norm_grad_add: {name} {:?} for input {:?}",
+                t.dims(),
+                x.dims()
+            );
+        }
+    }
+    let g = g.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?.apply_op2_no_bwd(
+        &g,
+        &RmsNormGrad {
+            weight: weight.contiguous()?,
+            eps: eps as f32,
+            residual: Some(residual.to_dtype(x.dtype())?.contiguous()?),
+        },
+    )
+}
+
+/// A residual join and the norm after it in one pass: `(x + y, rms_norm(x + y))`, the sum
+/// rounded to the dtype before it is normalised, as the separate ops store it. Records no
+/// backward (for inference and the hand-written backward's forward).
+pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    check_weight("add_rms_norm", x, weight)?;
+    if y.dims() != x.dims() || y.dtype() != x.dtype() {
+        candle_core::bail!(
+            "add_rms_norm: {:?} {:?} added to {:?} {:?}",
+            y.dims(),
+            y.dtype(),
+            x.dims(),
+            x.dtype()
+        );
+    }
+    let both = x.contiguous()?.apply_op2_no_bwd(
+        &y.contiguous()?,
+        &AddRmsNorm {
+            weight: weight.contiguous()?,
+            eps: eps as f32,
+        },
+    )?;
+    let n = x.elem_count();
+    Ok((
+        both.narrow(0, 0, n)?.reshape(x.shape())?,
+        both.narrow(0, n, n)?.reshape(x.shape())?,
+    ))
 }
 
 fn check_weight(op: &str, x: &Tensor, weight: &Tensor) -> Result<()> {
@@ -110,8 +170,10 @@ impl CustomOp1 for RmsNorm {
         };
         let k = cuda::Norm {
             x: (s, l),
-            g: None,
+            second: None,
             w: (w, &wl),
+            residual: None,
+            outputs: 1,
             eps: self.eps,
         };
         let out = crate::launch::run(
@@ -131,15 +193,78 @@ impl CustomOp1 for RmsNorm {
             &RmsNormGrad {
                 weight: self.weight.clone(),
                 eps: self.eps,
+                residual: None,
             },
         )?))
     }
 }
 
-/// `(x, g)` → gradient of x.
+/// `(x, g)` → gradient of x (plus `residual`).
 struct RmsNormGrad {
     weight: Tensor,
     eps: f32,
+    residual: Option<Tensor>,
+}
+
+/// `(x, y)` → `[x + y | rms_norm(x + y)]` flat.
+struct AddRmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl CustomOp2 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let round = rows::rounding(s1.dtype());
+        let x = rows::to_f32(s1, l1)?;
+        let y = rows::to_f32(s2, l2)?;
+        let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| round(a + b)).collect();
+        let normed = reference_forward(&sum, &weight_f32(&self.weight)?, self.eps, round);
+        let shape = Shape::from(2 * sum.len());
+        Ok((
+            rows::from_f32([sum, normed].concat(), &shape, s1.dtype())?,
+            shape,
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (w, wl) = crate::launch::storage_of(&self.weight)?;
+        let candle_core::Storage::Cuda(w) = &*w else {
+            unreachable!("storage_of checked the device")
+        };
+        let k = cuda::Norm {
+            x: (s1, l1),
+            second: Some((s2, l2)),
+            w: (w, &wl),
+            residual: None,
+            outputs: 2,
+            eps: self.eps,
+        };
+        let out = crate::launch::run(
+            &k,
+            s1.dtype(),
+            s1.device(),
+            ("ferrotune_rms_norm", crate::ptx::RMS_NORM),
+            "rms_norm_add_fwd",
+        )?;
+        Ok((out, Shape::from(2 * l1.shape().elem_count())))
+    }
 }
 
 impl CustomOp2 for RmsNormGrad {
@@ -156,7 +281,17 @@ impl CustomOp2 for RmsNormGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = rows::to_f32(s1, l1)?;
         let g = rows::to_f32(s2, l2)?;
-        let dx = reference_backward(&x, &g, &weight_f32(&self.weight)?, self.eps);
+        let mut dx = reference_backward(&x, &g, &weight_f32(&self.weight)?, self.eps);
+        if let Some(res) = &self.residual {
+            let round = rows::rounding(s1.dtype());
+            let res = res
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (d, r) in dx.iter_mut().zip(res) {
+                *d = round(*d) + r;
+            }
+        }
         Ok((
             rows::from_f32(dx, l1.shape(), s1.dtype())?,
             l1.shape().clone(),
@@ -175,18 +310,36 @@ impl CustomOp2 for RmsNormGrad {
         let candle_core::Storage::Cuda(w) = &*w else {
             unreachable!("storage_of checked the device")
         };
+        let residual = match &self.residual {
+            Some(r) => Some(crate::launch::storage_of(r)?),
+            None => None,
+        };
+        let residual = match &residual {
+            Some((s, l)) => match &**s {
+                candle_core::Storage::Cuda(s) => Some((s, l)),
+                _ => unreachable!("storage_of checked the device"),
+            },
+            None => None,
+        };
         let k = cuda::Norm {
             x: (s1, l1),
-            g: Some((s2, l2)),
+            second: Some((s2, l2)),
             w: (w, &wl),
+            residual,
+            outputs: 1,
             eps: self.eps,
+        };
+        let base = if k.residual.is_some() {
+            "rms_norm_bwd_add"
+        } else {
+            "rms_norm_bwd"
         };
         let out = crate::launch::run(
             &k,
             s1.dtype(),
             s1.device(),
             ("ferrotune_rms_norm", crate::ptx::RMS_NORM),
-            "rms_norm_bwd",
+            base,
         )?;
         Ok((out, l1.shape().clone()))
     }
@@ -202,11 +355,15 @@ mod cuda {
 
     use crate::launch::{i32_of, output, per_row, view, Launch};
 
-    /// Forward (`g` is `None`) or backward of one RMSNorm over rows of `h`.
+    /// One RMSNorm kernel over rows of `h`; its arguments, in order: `x`, `second` (the
+    /// gradient `g` backward, the added `y` in the joined forward), `w`, `residual` (the joined
+    /// backward's), the output of `outputs` × x's size, `h`, `eps`.
     pub struct Norm<'a> {
         pub x: (&'a CudaStorage, &'a Layout),
-        pub g: Option<(&'a CudaStorage, &'a Layout)>,
+        pub second: Option<(&'a CudaStorage, &'a Layout)>,
         pub w: (&'a CudaStorage, &'a Layout),
+        pub residual: Option<(&'a CudaStorage, &'a Layout)>,
+        pub outputs: usize,
         pub eps: f32,
     }
 
@@ -220,23 +377,30 @@ mod cuda {
             let h = self.w.1.shape().elem_count();
             let x = view::<T>(self.x.0, self.x.1)?;
             let w = view::<T>(self.w.0, self.w.1)?;
-            let out = output::<T>(dev, n)?;
+            let out = output::<T>(dev, self.outputs * n)?;
             let h32 = i32_of(h, "rms_norm width")?;
-            let g = match self.g {
+            let second = match self.second {
+                Some((s, l)) => Some(view::<T>(s, l)?),
+                None => None,
+            };
+            let residual = match self.residual {
                 Some((s, l)) => Some(view::<T>(s, l)?),
                 None => None,
             };
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(func);
             b.arg(&x);
-            if let Some(g) = &g {
-                b.arg(g);
+            if let Some(second) = &second {
+                b.arg(second);
             }
             b.arg(&w);
+            if let Some(residual) = &residual {
+                b.arg(residual);
+            }
             b.arg(&out);
             b.arg(&h32);
             b.arg(&self.eps);
-            // SAFETY: the arguments match rms_norm_{fwd,bwd}_<T>'s signature; n = rows · h.
+            // SAFETY: the arguments match the rms_norm_*_<T> kernel's signature; n = rows · h.
             unsafe { b.launch(per_row(n / h, h)) }.w()?;
             Ok(out)
         }
@@ -260,6 +424,44 @@ mod tests {
             x.broadcast_mul(&inv)?.broadcast_mul(&w)
         };
         crate::rows::check_against_composed(&x, |x| rms_norm(x, &w, 1e-5), composed, 1e-5);
+    }
+
+    /// The joined forms equal the separate ops bit for bit (f32 and bf16): the sum then the
+    /// norm, and the residual plus the norm's gradient.
+    #[test]
+    fn joined_residual_forms_equal_the_separate_ops() {
+        let cpu = &Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            let t = |s: f32| {
+                Tensor::randn(0f32, s, (2, 3, 37), cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (x, y, g, res) = (t(2.0), t(1.0), t(1.0), t(0.5));
+            let w = (Tensor::randn(0f32, 0.2, 37, cpu).unwrap() + 1.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let same = |a: &Tensor, b: &Tensor, what: &str| {
+                let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(d, 0.0, "{dtype:?} {what}");
+            };
+            let (sum, normed) = add_rms_norm(&x, &y, &w, 1e-5).unwrap();
+            let separate = (&x + &y).unwrap();
+            same(&sum, &separate, "sum");
+            same(&normed, &rms_norm(&separate, &w, 1e-5).unwrap(), "norm");
+            let joined = rms_norm_grad_add(&x, &w, 1e-5, &g, &res).unwrap();
+            let separate = (&res + rms_norm_grad(&x, &w, 1e-5, &g).unwrap()).unwrap();
+            same(&joined, &separate, "gradient");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use ferrotune_kernels::{attention_softmax, rms_norm, rope, swiglu};
+use ferrotune_kernels::{attention_softmax, rms_norm, rope, rope_qkv, swiglu};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA device (these tests run on the GPU machine)")
@@ -145,7 +145,7 @@ fn attention_softmax_matches_its_cpu_reference_and_the_composed_ops() {
 
 #[test]
 #[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
-fn rms_norm_rope_and_swiglu_match_their_cpu_references_and_the_composed_ops() {
+fn rms_norm_rope_rope_qkv_and_swiglu_match_their_cpu_references_and_the_composed_ops() {
     let dev = gpu();
     let (b, h, t, d, width, inter) = (2, 3, 37, 96, 3072 + 7, 8192 + 3);
     let w = (Tensor::randn(0f32, 0.1, width, &Device::Cpu).unwrap() + 1.0).unwrap();
@@ -183,6 +183,33 @@ fn rms_norm_rope_and_swiglu_match_their_cpu_references_and_the_composed_ops() {
                     3,
                 )?;
                 x.broadcast_mul(&c)? + rotated.broadcast_mul(&s)?
+            }),
+        ),
+        (
+            // GQA: 5 query heads on 1 kv head; the three parts flattened and joined to compare.
+            "rope_qkv",
+            vec![b, t, (5 + 2) * d],
+            Box::new(|x: &Tensor, dev: &Device| {
+                let (q, k, v) = rope_qkv(x, &like(&cos, x, dev), &like(&sin, x, dev), (5, 1))?;
+                Tensor::cat(&[q.flatten_all()?, k.flatten_all()?, v.flatten_all()?], 0)
+            }),
+            Box::new(|x: &Tensor, dev: &Device| {
+                let (c, s) = (
+                    like(&cos, x, dev).unsqueeze(1)?,
+                    like(&sin, x, dev).unsqueeze(1)?,
+                );
+                let all = x.reshape((b, t, 7, d))?;
+                let heads =
+                    |at: usize, n: usize| all.narrow(2, at, n)?.transpose(1, 2)?.contiguous();
+                let rotate = |x: Tensor| -> candle_core::Result<Tensor> {
+                    let rotated = Tensor::cat(
+                        &[&x.narrow(3, d / 2, d / 2)?.neg()?, &x.narrow(3, 0, d / 2)?],
+                        3,
+                    )?;
+                    x.broadcast_mul(&c)? + rotated.broadcast_mul(&s)?
+                };
+                let (q, k, v) = (rotate(heads(0, 5)?)?, rotate(heads(5, 1)?)?, heads(6, 1)?);
+                Tensor::cat(&[q.flatten_all()?, k.flatten_all()?, v.flatten_all()?], 0)
             }),
         ),
         (
@@ -305,6 +332,132 @@ fn cross_entropy_matches_its_cpu_reference() {
             failures.push(format!(
                 "{dt:?}: loss {dn:e} > {nll_tol:e} or gradient {dg:e} > {grad_tol:e}"
             ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The residual joins fused into RMSNorm against the separate ops on the same GPU and against
+/// their CPU reference: `add_rms_norm` (the sum and the norm) and `rms_norm_grad_add`, at a width
+/// that is no multiple of the block. Max |Δ| relative to the largest value: 1e-6 in f32, one
+/// unit in the last place in bf16/f16 (an add rounded once or, in candle's kernel, maybe twice).
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn residual_joins_fused_into_rms_norm_match_the_separate_ops() {
+    use ferrotune_kernels::{add_rms_norm, rms_norm_grad, rms_norm_grad_add};
+    let dev = gpu();
+    let (rows, width) = (37, 3072 + 7);
+    let draw = |s: f32| Tensor::randn(0f32, s, (rows, width), &Device::Cpu).unwrap();
+    let (x, y, g, res) = (draw(2.0), draw(1.0), draw(1.0), draw(0.5));
+    let w = (Tensor::randn(0f32, 0.1, width, &Device::Cpu).unwrap() + 1.0).unwrap();
+    let mut failures = Vec::new();
+    for (dtype, tol) in [
+        (DType::F32, 1e-6f32),
+        (DType::BF16, 2f32.powi(-7)),
+        (DType::F16, 2f32.powi(-10)),
+    ] {
+        let on = |t: &Tensor, d: &Device| t.to_dtype(dtype).unwrap().to_device(d).unwrap();
+        let run = |d: &Device| {
+            let (x, y, g, res, w) = (on(&x, d), on(&y, d), on(&g, d), on(&res, d), on(&w, d));
+            let (sum, normed) = add_rms_norm(&x, &y, &w, 1e-5).unwrap();
+            let grad = rms_norm_grad_add(&x, &w, 1e-5, &g, &res).unwrap();
+            let sep_sum = (&x + &y).unwrap();
+            let sep_norm = rms_norm(&sep_sum, &w, 1e-5).unwrap();
+            let sep_grad = (&res + rms_norm_grad(&x, &w, 1e-5, &g).unwrap()).unwrap();
+            [(sum, sep_sum), (normed, sep_norm), (grad, sep_grad)]
+        };
+        let (gpu_out, cpu_out) = (run(&dev), run(&Device::Cpu));
+        for (what, (fused, separate), (reference, _)) in ["sum", "norm", "gradient"]
+            .iter()
+            .zip(&gpu_out)
+            .zip(&cpu_out)
+            .map(|((w, a), b)| (w, a, b))
+        {
+            let scale = max_abs(reference);
+            let d_sep = max_abs(&(cpu_f32(fused) - cpu_f32(separate)).unwrap()) / scale;
+            let d_ref = max_abs(&(cpu_f32(fused) - cpu_f32(reference)).unwrap()) / scale;
+            eprintln!(
+                "{what} {dtype:?}: vs separate ops {d_sep:.2e}, vs cpu reference {d_ref:.2e}"
+            );
+            if !(d_sep <= tol && d_ref <= tol) {
+                failures.push(format!("{what} {dtype:?}: {d_sep:e} / {d_ref:e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Decode attention against its CPU reference and against the composed ops (scores GEMM,
+/// softmax, output GEMM with repeated kv heads) on the same GPU, keys and values read from a
+/// cache buffer with spare room: a Phi-3-mini step, GQA with several queries and a batched
+/// padding bias, the largest head dimension, fewer keys than the block has warps, odd sizes.
+/// Max |Δ| relative to the largest output: vs the reference 1e-5 in f32, one unit in the last
+/// place otherwise; vs the composed ops (which round the scores and probabilities to the dtype)
+/// 1e-5 in f32, 3e-2 in bf16, 5e-3 in f16.
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn decode_attention_matches_its_cpu_reference_and_the_composed_ops() {
+    use ferrotune_kernels::decode_attention;
+    let dev = gpu();
+    let mut failures = Vec::new();
+    for (b, heads, kv, tq, t, d) in [
+        (1, 32, 32, 1, 640, 96),
+        (3, 12, 4, 5, 1031, 80),
+        (1, 4, 1, 16, 37, 256),
+        (2, 2, 2, 1, 3, 33),
+    ] {
+        let cap = t + 29;
+        let kbuf = Tensor::randn(0f32, 1.0, (b, kv, cap, d), &Device::Cpu).unwrap();
+        let vbuf = Tensor::randn(0f32, 1.0, (b, kv, cap, d), &Device::Cpu).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (b, heads, tq, d), &Device::Cpu).unwrap();
+        let bias = mask(b, tq, t);
+        let scale = 1.0 / (d as f64).sqrt();
+        for (dtype, ref_tol, ops_tol) in [
+            (DType::F32, 1e-5f32, 1e-5f32),
+            (DType::BF16, 2f32.powi(-7), 3e-2),
+            (DType::F16, 2f32.powi(-10), 5e-3),
+        ] {
+            let run = |dev: &Device, fused: bool| {
+                let on = |x: &Tensor| x.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+                let (k, v) = (
+                    on(&kbuf).narrow(2, 0, t).unwrap(),
+                    on(&vbuf).narrow(2, 0, t).unwrap(),
+                );
+                let (q, bias) = (on(&q), bias.to_device(dev).unwrap());
+                if fused {
+                    return decode_attention(&q, &k, &v, &bias, scale).unwrap();
+                }
+                let rep = |x: &Tensor| {
+                    x.unsqueeze(2)
+                        .unwrap()
+                        .broadcast_as((b, kv, heads / kv, t, d))
+                        .unwrap()
+                        .reshape((b, heads, t, d))
+                        .unwrap()
+                };
+                let s = q.matmul(&rep(&k).t().unwrap()).unwrap();
+                attention_softmax(&s, &bias, scale)
+                    .unwrap()
+                    .matmul(&rep(&v))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+            };
+            let y = run(&dev, true);
+            assert_eq!((y.dims(), y.dtype()), (&[b, tq, heads, d][..], dtype));
+            let reference = run(&Device::Cpu, true);
+            let composed = run(&dev, false);
+            let scale_y = max_abs(&reference);
+            let d_ref = max_abs(&(cpu_f32(&y) - cpu_f32(&reference)).unwrap()) / scale_y;
+            let d_ops = max_abs(&(cpu_f32(&y) - cpu_f32(&composed)).unwrap()) / scale_y;
+            eprintln!(
+                "decode_attention [{b},{heads}/{kv},{tq},{t},{d}] {dtype:?}: vs reference {d_ref:.2e}, vs composed {d_ops:.2e}"
+            );
+            if !(d_ref <= ref_tol && d_ops <= ops_tol) {
+                failures.push(format!(
+                    "[{b},{heads}/{kv},{tq},{t},{d}] {dtype:?}: {d_ref:e} / {d_ops:e}"
+                ));
+            }
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");

@@ -40,6 +40,25 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     attention_probs(&q.matmul(&k.t()?)?, bias, scale)?.matmul(v)
 }
 
+/// Whether a step with `queries` new positions against a KV cache takes the fused decode kernel
+/// ([`ferrotune_kernels::decode_attention`]): on CUDA with the kernels on, for decoding steps
+/// (up to [`ferrotune_kernels::decode_attention::MAX_QUERIES`] queries).
+/// `FERROTUNE_DECODE_ATTENTION=composed` turns it off (for A/B runs); `=fused` turns it on
+/// on the CPU too, where the kernel's CPU reference runs (how the tests drive the CUDA path's
+/// plumbing through generation).
+pub fn decode_kernel_applies(q: &Tensor, queries: usize, head_dim: usize) -> bool {
+    static CHOICE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let forced = *CHOICE.get_or_init(|| match std::env::var("FERROTUNE_DECODE_ATTENTION") {
+        Ok(v) if v == "fused" => Some(true),
+        Ok(v) if v == "composed" => Some(false),
+        _ => None,
+    });
+    let fits = queries <= ferrotune_kernels::decode_attention::MAX_QUERIES
+        && head_dim <= ferrotune_kernels::decode_attention::MAX_HEAD_DIM
+        && !q.track_op();
+    fits && forced.unwrap_or(q.device().is_cuda() && ferrotune_kernels::enabled())
+}
+
 #[cfg(test)]
 fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     scaled_masked_softmax(&q.matmul(&k.t()?)?, bias, scale)?.matmul(v)

@@ -13,7 +13,7 @@ use candle_core::{Result, Tensor};
 use crate::attention::attention_grads;
 use crate::config::Phi3Config;
 use crate::layer_ops::LayerOps;
-use crate::phi3::{repeat_kv, split_heads, DecoderLayer};
+use crate::phi3::{repeat_kv, DecoderLayer};
 
 /// The gradients a layer's backward produces.
 pub(crate) struct LayerGrads {
@@ -86,24 +86,17 @@ impl DecoderLayer {
         let eps = cfg.rms_norm_eps;
         let h1 = ops.rms_norm(x, &self.input_layernorm, eps)?;
         let (qkv, qkv_mask) = self.qkv_proj.forward_for_grads(&h1)?;
-        // Scoped: a shadowed binding would keep the pre-RoPE heads alive to the end.
-        let (q, k, v) = {
-            let (q, k, v) = split_heads(&qkv, cfg)?;
-            drop(qkv);
-            (
-                ops.rope(&q, at.cos, at.sin)?,
-                repeat_kv(&ops.rope(&k, at.cos, at.sin)?, groups)?,
-                repeat_kv(&v, groups)?,
-            )
-        };
+        let (q, k, v) = ops.rope_qkv(&qkv, at.cos, at.sin, cfg)?;
+        drop(qkv);
+        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
         let probs = ops.softmax(&q.matmul(&k.t()?)?, at.bias, attention_scale(cfg))?;
         let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         let (o, o_mask) = self.o_proj.forward_for_grads(&attn)?;
-        let x1 = (x + o)?;
-        let h2 = ops.rms_norm(&x1, &self.post_attention_layernorm, eps)?;
+        let (x1, h2) = ops.add_rms_norm(x, &o, &self.post_attention_layernorm, eps)?;
+        drop(o);
         let (gate_up, gate_up_mask) = self.gate_up_proj.forward_for_grads(&h2)?;
         let act = ops.swiglu(&gate_up)?;
         Ok(Activations {
@@ -166,7 +159,7 @@ impl DecoderLayer {
             .gate_up_proj
             .grads(&h2, gate_up_mask.as_ref(), &dgate_up)?;
         drop((h2, gate_up_mask, dgate_up));
-        let dx1 = (grad + ops.rms_norm_grad(&x1, &self.post_attention_layernorm, eps, &dh2)?)?;
+        let dx1 = ops.rms_norm_grad_add(&x1, &self.post_attention_layernorm, eps, &dh2, grad)?;
         drop((x1, dh2));
         let (dattn, o_pair) = self.o_proj.grads(&attn, o_mask.as_ref(), &dx1)?;
         drop((attn, o_mask));
@@ -179,15 +172,17 @@ impl DecoderLayer {
             ops.softmax_grad(p, dp, scale)
         })?;
         drop((q, k, v, probs, dout));
-        let dqkv = join_heads(&[
-            ops.rope_adjoint(&dq, at.cos, at.sin)?,
-            ops.rope_adjoint(&sum_groups(&dk, groups)?, at.cos, at.sin)?,
-            sum_groups(&dv, groups)?,
-        ])?;
+        let dqkv = ops.rope_qkv_adjoint(
+            &dq,
+            &sum_groups(&dk, groups)?,
+            &sum_groups(&dv, groups)?,
+            at.cos,
+            at.sin,
+        )?;
         drop((dq, dk, dv));
         let (dh1, qkv_pair) = self.qkv_proj.grads(&h1, qkv_mask.as_ref(), &dqkv)?;
         drop((h1, qkv_mask, dqkv));
-        let input = (dx1 + ops.rms_norm_grad(x, &self.input_layernorm, eps, &dh1)?)?;
+        let input = ops.rms_norm_grad_add(x, &self.input_layernorm, eps, &dh1, &dx1)?;
         let pairs = [qkv_pair, o_pair, gate_up_pair, down]
             .into_iter()
             .flatten()
@@ -208,19 +203,6 @@ fn sum_groups(g: &Tensor, n: usize) -> Result<Tensor> {
     }
     let (b, h, t, d) = g.dims4()?;
     g.reshape((b, h / n, n, t, d))?.sum(2)
-}
-
-/// The gradient of [`split_heads`]: per-head gradients `[b, heads, t, d]` of q, k and v back in
-/// the fused projection's layout `[b, t, (q + k + v heads)·d]`.
-fn join_heads(parts: &[Tensor]) -> Result<Tensor> {
-    let rows = parts
-        .iter()
-        .map(|p| {
-            let (b, h, t, d) = p.dims4()?;
-            p.transpose(1, 2)?.reshape((b, t, h * d))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&rows, 2)
 }
 
 #[cfg(test)]

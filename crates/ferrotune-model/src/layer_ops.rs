@@ -7,6 +7,8 @@
 use candle_core::{DType, Tensor};
 use candle_core::{Device, Result};
 
+use crate::config::Phi3Config;
+use crate::phi3::{join_heads, split_heads};
 use crate::softmax::{scaled_masked_softmax, SoftmaxGrad};
 
 /// Whether recompute's layer backward is the hand-written one where it applies: yes unless
@@ -45,30 +47,81 @@ impl LayerOps {
         }
     }
 
-    pub(crate) fn rms_norm_grad(
+    /// A residual join and the norm after it: `(x + y, rms_norm(x + y))`.
+    pub(crate) fn add_rms_norm(
+        self,
+        x: &Tensor,
+        y: &Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        match self {
+            LayerOps::CpuF32 => {
+                let sum = (x + y)?;
+                let normed = crate::rms_norm::rms_norm(&sum, w, eps)?;
+                Ok((sum, normed))
+            }
+            LayerOps::Kernels => ferrotune_kernels::add_rms_norm(x, y, w, eps),
+        }
+    }
+
+    /// `residual + rms_norm_grad(x, w, eps, g)`: the gradient where a residual join's two
+    /// branches meet before a norm.
+    pub(crate) fn rms_norm_grad_add(
         self,
         x: &Tensor,
         w: &Tensor,
         eps: f64,
         g: &Tensor,
+        residual: &Tensor,
     ) -> Result<Tensor> {
         match self {
-            LayerOps::CpuF32 => crate::rms_norm::rms_norm_grad_cpu(x, w, eps, g),
-            LayerOps::Kernels => ferrotune_kernels::rms_norm_grad(x, w, eps, g),
+            LayerOps::CpuF32 => residual + crate::rms_norm::rms_norm_grad_cpu(x, w, eps, g)?,
+            LayerOps::Kernels => ferrotune_kernels::rms_norm_grad_add(x, w, eps, g, residual),
         }
     }
 
-    pub(crate) fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// The fused projection's query, key and value heads, query and key rotated.
+    pub(crate) fn rope_qkv(
+        self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cfg: &Phi3Config,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         match self {
-            LayerOps::CpuF32 => crate::rope::apply(x, cos, sin),
-            LayerOps::Kernels => ferrotune_kernels::rope(x, cos, sin),
+            LayerOps::CpuF32 => {
+                let (q, k, v) = split_heads(qkv, cfg)?;
+                Ok((
+                    crate::rope::apply(&q, cos, sin)?,
+                    crate::rope::apply(&k, cos, sin)?,
+                    v,
+                ))
+            }
+            LayerOps::Kernels => {
+                let heads = (cfg.num_attention_heads, cfg.num_key_value_heads);
+                ferrotune_kernels::rope_qkv(qkv, cos, sin, heads)
+            }
         }
     }
 
-    pub(crate) fn rope_adjoint(self, g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// The gradient of the fused projection's output from those of [`LayerOps::rope_qkv`]'s
+    /// heads (`dk`, `dv` per kv head).
+    pub(crate) fn rope_qkv_adjoint(
+        self,
+        dq: &Tensor,
+        dk: &Tensor,
+        dv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
         match self {
-            LayerOps::CpuF32 => crate::rope::adjoint_cpu(g, cos, sin),
-            LayerOps::Kernels => ferrotune_kernels::rope_adjoint(g, cos, sin),
+            LayerOps::CpuF32 => join_heads(&[
+                crate::rope::adjoint_cpu(dq, cos, sin)?,
+                crate::rope::adjoint_cpu(dk, cos, sin)?,
+                dv.clone(),
+            ]),
+            LayerOps::Kernels => ferrotune_kernels::rope_qkv_adjoint(dq, dk, dv, cos, sin),
         }
     }
 

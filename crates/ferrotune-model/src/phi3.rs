@@ -10,6 +10,7 @@ use crate::config::Phi3Config;
 use crate::frozen_linear::FrozenMatmul;
 use crate::layer_ops::LayerOps;
 use crate::lora::{Linear, LoraConfig, LoraPair};
+use crate::rms_norm::add_then_norm;
 pub use crate::rms_norm::rms_norm;
 use crate::rope::{self, Rope};
 use crate::swiglu::swiglu;
@@ -670,8 +671,8 @@ impl DecoderLayer {
         cache: Option<&mut Option<LayerCache>>,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps)?;
-        let x = (x + self.attention(&h, cos, sin, bias, cfg, train, cache)?)?;
-        let h = rms_norm(&x, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let attn = self.attention(&h, cos, sin, bias, cfg, train, cache)?;
+        let (x, h) = add_then_norm(x, &attn, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
         let gate_up = self.gate_up_proj.forward(&h, train)?;
         x + self.down_proj.forward(&swiglu(&gate_up)?, train)?
     }
@@ -693,9 +694,7 @@ impl DecoderLayer {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let (q, k, v) = split_heads(&self.qkv_proj.forward(x, train)?, cfg)?;
-        let q = rope::apply(&q, cos, sin)?;
-        let k = rope::apply(&k, cos, sin)?;
+        let (q, k, v) = rope::heads(&self.qkv_proj.forward(x, train)?, cos, sin, cfg)?;
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -713,9 +712,12 @@ impl DecoderLayer {
                 (layer.keys()?, layer.values()?)
             }
         };
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        // Scores and softmax in f32, as transformers' eager attention does.
         let scale = 1.0 / (hd as f64).sqrt();
+        if crate::attention::decode_kernel_applies(&q, t, hd) {
+            let out = ferrotune_kernels::decode_attention(&q, &k, &v, bias, scale)?;
+            return self.o_proj.forward(&out.reshape((b, t, nh * hd))?, train);
+        }
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         let out = attention(&q, &k, &v, bias, scale)?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
@@ -749,6 +751,19 @@ pub(crate) fn split_heads(qkv: &Tensor, cfg: &Phi3Config) -> Result<(Tensor, Ten
         all.narrow(2, start, n)?.transpose(1, 2)?.contiguous()
     };
     Ok((heads(0, nh)?, heads(nh, nkv)?, heads(nh + nkv, nkv)?))
+}
+
+/// The gradient of [`split_heads`]: per-head gradients `[b, heads, t, d]` of q, k and v back in
+/// the fused projection's layout `[b, t, (q + k + v heads)·d]`.
+pub(crate) fn join_heads(parts: &[Tensor]) -> Result<Tensor> {
+    let rows = parts
+        .iter()
+        .map(|p| {
+            let (b, h, t, d) = p.dims4()?;
+            p.transpose(1, 2)?.reshape((b, t, h * d))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 2)
 }
 
 /// `[b, kv, t, d]` → `[b, kv·n, t, d]`, each kv head repeated `n` times in place.

@@ -29,6 +29,28 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         .broadcast_mul(weight)
 }
 
+/// A residual join and the norm after it: `(x + y, rms_norm(x + y))`. One kernel on CUDA where
+/// nothing is recorded for a backward (inference, evaluation); two ops elsewhere.
+pub fn add_then_norm(
+    x: &Tensor,
+    y: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let untracked = !(x.track_op() || y.track_op());
+    if untracked
+        && x.device().is_cuda()
+        && ferrotune_kernels::enabled()
+        && weight.dtype() == x.dtype()
+        && y.dtype() == x.dtype()
+    {
+        return ferrotune_kernels::add_rms_norm(x, y, weight, eps);
+    }
+    let sum = (x + y)?;
+    let normed = rms_norm(&sum, weight, eps)?;
+    Ok((sum, normed))
+}
+
 struct RmsNorm {
     weight: Tensor,
     eps: f32,

@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 
 use crate::config::{Phi3Config, RopeScaling};
+use crate::phi3::split_heads;
 
 /// Inverse frequencies and scaling for one model.
 pub struct Rope {
@@ -105,6 +106,23 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         return ferrotune_kernels::rope(x, cos, sin);
     }
     composed(x, cos, sin)
+}
+
+/// Query, key and value heads `[b, heads, t, head_dim]` of the fused projection `qkv`, query and
+/// key rotated: one kernel on CUDA (`ferrotune_kernels::rope_qkv`), otherwise split by
+/// [`split_heads`] and rotated by [`apply`].
+pub fn heads(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    cfg: &Phi3Config,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if qkv.device().is_cuda() && ferrotune_kernels::enabled() {
+        let heads = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        return ferrotune_kernels::rope_qkv(qkv, cos, sin, heads);
+    }
+    let (q, k, v) = split_heads(qkv, cfg)?;
+    Ok((apply(&q, cos, sin)?, apply(&k, cos, sin)?, v))
 }
 
 /// The adjoint of [`apply`] on `g`, the gradient of its output (the gradient of its input), for

@@ -150,54 +150,10 @@ fn an_adapter_saved_here_loads_back_identically() {
     assert_eq!(max_diff(&before, &after, &c.real), 0.0);
 }
 
-#[derive(serde::Deserialize)]
-struct GreedyRef {
-    prompt: Vec<u32>,
-    greedy_base: Vec<u32>,
-    greedy_lora: Vec<u32>,
-    batch_prompts: Vec<Vec<u32>>,
-    batch_greedy_base: Vec<Vec<u32>>,
-}
-
 #[test]
 fn greedy_generation_matches_transformers_with_and_without_adapter() {
-    use ferrotune_model::generate::{generate, Sampling};
-    for name in [
-        "hub_mha",
-        "gqa_sharded",
-        "longrope",
-        "sliding_window",
-        "rslora_tied",
-    ] {
-        let dir = case_dir(name);
-        let r: GreedyRef =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap())
-                .unwrap();
-        let mut c = load(name);
-        let s = Sampling {
-            max_new_tokens: 32,
-            ..Default::default()
-        };
-        let out = generate(&c.model, std::slice::from_ref(&r.prompt), &s).unwrap();
-        assert_eq!(
-            out[0], r.greedy_base,
-            "{name}: 32 greedy tokens without adapter"
-        );
-        let s16 = Sampling {
-            max_new_tokens: 16,
-            ..Default::default()
-        };
-        let batch = generate(&c.model, &r.batch_prompts, &s16).unwrap();
-        assert_eq!(
-            batch, r.batch_greedy_base,
-            "{name}: batch of two prompt lengths"
-        );
-        peft::load_adapter(&mut c.model, &dir.join("adapter")).unwrap();
-        let out = generate(&c.model, std::slice::from_ref(&r.prompt), &s).unwrap();
-        assert_eq!(
-            out[0], r.greedy_lora,
-            "{name}: 32 greedy tokens with adapter"
-        );
+    for name in common::GREEDY_CASES {
+        common::check_greedy_generation(name);
     }
 }
 

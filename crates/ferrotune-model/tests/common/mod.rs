@@ -147,3 +147,55 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The fixtures with greedy generations from transformers' `generate` (`generate.json`).
+pub const GREEDY_CASES: [&str; 5] = [
+    "hub_mha",
+    "gqa_sharded",
+    "longrope",
+    "sliding_window",
+    "rslora_tied",
+];
+
+#[derive(serde::Deserialize)]
+struct GreedyRef {
+    prompt: Vec<u32>,
+    greedy_base: Vec<u32>,
+    greedy_lora: Vec<u32>,
+    batch_prompts: Vec<Vec<u32>>,
+    batch_greedy_base: Vec<Vec<u32>>,
+}
+
+/// Greedy decoding of fixture `name` gives transformers' tokens: one prompt without and with
+/// the adapter (32 tokens), and a batch of two prompt lengths (16 tokens), on the CPU in f32.
+pub fn check_greedy_generation(name: &'static str) {
+    use ferrotune_model::generate::{generate, Sampling};
+    let dir = case_dir(name);
+    let r: GreedyRef =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("generate.json")).unwrap()).unwrap();
+    let mut c = load(name);
+    let s = Sampling {
+        max_new_tokens: 32,
+        ..Default::default()
+    };
+    let out = generate(&c.model, std::slice::from_ref(&r.prompt), &s).unwrap();
+    assert_eq!(
+        out[0], r.greedy_base,
+        "{name}: 32 greedy tokens without adapter"
+    );
+    let s16 = Sampling {
+        max_new_tokens: 16,
+        ..Default::default()
+    };
+    let batch = generate(&c.model, &r.batch_prompts, &s16).unwrap();
+    assert_eq!(
+        batch, r.batch_greedy_base,
+        "{name}: batch of two prompt lengths"
+    );
+    ferrotune_model::peft::load_adapter(&mut c.model, &dir.join("adapter")).unwrap();
+    let out = generate(&c.model, std::slice::from_ref(&r.prompt), &s).unwrap();
+    assert_eq!(
+        out[0], r.greedy_lora,
+        "{name}: 32 greedy tokens with adapter"
+    );
+}
