@@ -173,6 +173,12 @@ run bench_train_phi3_mini_kernels_off 300 env FERROTUNE_KERNELS=0 "$ft" --json b
 run bench_decode_phi3_mini 300 "$ft" --json bench decode --device cuda --dtype bf16 "${mini[@]}" \
   --prompt 512 --new-tokens 128 --batches 1,8,32 --python python3
 
+# Decoding with the composed attention (scores GEMM, softmax, output GEMM) instead of the fused
+# decode kernel, on the same machine: what the kernel gains per token.
+run bench_decode_phi3_mini_composed_attention 200 env FERROTUNE_DECODE_ATTENTION=composed "$ft" \
+  --json bench decode --device cuda --dtype bf16 "${mini[@]}" --prompt 512 --new-tokens 128 \
+  --batches 1,8,32 --no-reference
+
 python3 - "$steps" "$OUT/gpu-report.json" <<'PY'
 import json, subprocess, sys
 steps = [json.loads(l) for l in open(sys.argv[1])]
