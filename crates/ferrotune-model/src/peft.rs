@@ -192,6 +192,7 @@ pub fn load_adapter(model: &mut Phi3, dir: &Path) -> Result<LoraConfig> {
             scale: cfg.scale(),
             dropout: cfg.lora_dropout,
             dropout_key: Default::default(),
+            inference_casts: Default::default(),
         });
     }
     Ok(cfg)

@@ -47,6 +47,8 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel, Failure> {
     let mut loaded = load_model(&args.model, dtype, &device)?;
     if let Some(adapter) = &args.adapter {
         ferrotune_model::peft::load_adapter(&mut loaded.model, adapter)?;
+        // Everything that loads through here only runs the model (generate, eval, bench).
+        loaded.model.cache_adapter_casts()?;
     }
     Ok(loaded)
 }

@@ -346,6 +346,7 @@ pub fn deployment_from(
     )?;
     if adapter {
         ferrotune_model::peft::load_adapter(&mut loaded.model, &dir)?;
+        loaded.model.cache_adapter_casts()?;
     }
     let tokenizer = Tokenizer::load(&loaded.tokenizer_dir)?;
     let template = ChatTemplate::from_tokenizer_dir(

@@ -167,7 +167,8 @@ struct GreedyRef {
 }
 
 /// Greedy decoding of fixture `name` gives transformers' tokens: one prompt without and with
-/// the adapter (32 tokens), and a batch of two prompt lengths (16 tokens), on the CPU in f32.
+/// the adapter (32 tokens, its casts cached as for serving), and a batch of two prompt lengths
+/// (16 tokens), on the CPU in f32.
 pub fn check_greedy_generation(name: &'static str) {
     use ferrotune_model::generate::{generate, Sampling};
     let dir = case_dir(name);
@@ -193,6 +194,13 @@ pub fn check_greedy_generation(name: &'static str) {
         "{name}: batch of two prompt lengths"
     );
     ferrotune_model::peft::load_adapter(&mut c.model, &dir.join("adapter")).unwrap();
+    // As `generate` and `serve` run an adapter: cast once, reused at every step.
+    c.model.cache_adapter_casts().unwrap();
+    assert!(c
+        .model
+        .lora_pairs()
+        .iter()
+        .all(|(_, p)| p.inference_casts.get().is_some()));
     let out = generate(&c.model, std::slice::from_ref(&r.prompt), &s).unwrap();
     assert_eq!(
         out[0], r.greedy_lora,
