@@ -483,14 +483,25 @@ impl Phi3 {
         let (cos, sin) = self
             .rope
             .cos_sin(&batch.positions, self.dtype, &self.device)?;
+        let eps = self.cfg.rms_norm_eps;
         let mut x = self.embed(&batch.input_ids)?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);
         }
+        // Each layer's MLP output joins the residual stream in the same pass as the next norm
+        // (one kernel on CUDA outside training; see `add_then_norm`).
+        let mut h = rms_norm(
+            &x,
+            self.layers
+                .first()
+                .map_or(&self.norm, |l| &l.input_layernorm),
+            eps,
+        )?;
         for (l, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            x = layer.forward(
+            let (x1, mlp) = layer.forward_from_normed(
                 &x,
+                &h,
                 &cos,
                 &sin,
                 &batch.attention_bias,
@@ -498,8 +509,13 @@ impl Phi3 {
                 train,
                 slot,
             )?;
+            let next = self
+                .layers
+                .get(l + 1)
+                .map_or(&self.norm, |n| &n.input_layernorm);
+            (x, h) = add_then_norm(&x1, &mlp, next, eps)?;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        Ok(h)
     }
 
     /// Loss and LoRA gradients with per-layer recompute: the forward keeps only each decoder
@@ -680,10 +696,29 @@ impl DecoderLayer {
         cache: Option<&mut Option<LayerCache>>,
     ) -> Result<Tensor> {
         let h = rms_norm(x, &self.input_layernorm, cfg.rms_norm_eps)?;
-        let attn = self.attention(&h, cos, sin, bias, cfg, train, cache)?;
-        let (x, h) = add_then_norm(x, &attn, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
+        let (x1, mlp) = self.forward_from_normed(x, &h, cos, sin, bias, cfg, train, cache)?;
+        x1 + mlp
+    }
+
+    /// The layer on `x` whose input norm `h` the caller formed: the residual stream after
+    /// attention and the MLP's output, not yet added (the caller joins them with the next norm).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_from_normed(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cfg: &Phi3Config,
+        train: bool,
+        cache: Option<&mut Option<LayerCache>>,
+    ) -> Result<(Tensor, Tensor)> {
+        let attn = self.attention(h, cos, sin, bias, cfg, train, cache)?;
+        let (x1, h) = add_then_norm(x, &attn, &self.post_attention_layernorm, cfg.rms_norm_eps)?;
         let gate_up = self.gate_up_proj.forward(&h, train)?;
-        x + self.down_proj.forward(&swiglu(&gate_up)?, train)?
+        let mlp = self.down_proj.forward(&swiglu(&gate_up)?, train)?;
+        Ok((x1, mlp))
     }
 
     #[allow(clippy::too_many_arguments)]
