@@ -19,23 +19,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// The gradient of [`rms_norm`]'s input `x` given `g`, the gradient of its output (the weight is
 /// frozen). Records no backward (for a backward written out by hand).
 pub fn rms_norm_grad(x: &Tensor, weight: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> {
-    check_weight("rms_norm_grad", x, weight)?;
-    if g.dims() != x.dims() {
-        candle_core::bail!(
-            "rms_norm_grad: gradient {:?} for input {:?}",
-            g.dims(),
-            x.dims()
-        );
-    }
-    let g = g.to_dtype(x.dtype())?.contiguous()?;
-    x.contiguous()?.apply_op2_no_bwd(
-        &g,
-        &RmsNormGrad {
-            weight: weight.contiguous()?,
-            eps: eps as f32,
-            residual: None,
-        },
-    )
+    norm_grad("rms_norm_grad", x, weight, eps, g, None)
 }
 
 /// The gradient of [`rms_norm`]'s input plus `residual` (the gradient the other branch of a
@@ -48,23 +32,34 @@ pub fn rms_norm_grad_add(
     g: &Tensor,
     residual: &Tensor,
 ) -> Result<Tensor> {
-    check_weight("rms_norm_grad_add", x, weight)?;
-    for (name, t) in [("gradient", g), ("residual", residual)] {
+    norm_grad("rms_norm_grad_add", x, weight, eps, g, Some(residual))
+}
+
+fn norm_grad(
+    op: &str,
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    g: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    check_weight(op, x, weight)?;
+    for (name, t) in std::iter::once(("gradient", g)).chain(residual.map(|r| ("residual", r))) {
         if t.dims() != x.dims() {
-            candle_core::bail!(
-                "rms_norm_grad_add: {name} {:?} for input {:?}",
-                t.dims(),
-                x.dims()
-            );
+            candle_core::bail!("{op}: {name} {:?} for input {:?}", t.dims(), x.dims());
         }
     }
+    let residual = match residual {
+        Some(r) => Some(r.to_dtype(x.dtype())?.contiguous()?),
+        None => None,
+    };
     let g = g.to_dtype(x.dtype())?.contiguous()?;
     x.contiguous()?.apply_op2_no_bwd(
         &g,
         &RmsNormGrad {
             weight: weight.contiguous()?,
             eps: eps as f32,
-            residual: Some(residual.to_dtype(x.dtype())?.contiguous()?),
+            residual,
         },
     )
 }
