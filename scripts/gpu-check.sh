@@ -118,22 +118,30 @@ cp "$scratch/tiny/metrics.jsonl" "$OUT/tiny_sample_metrics.jsonl" 2>/dev/null
 # as any two do (rounding differences compound), so the check is: the first 5 steps' losses agree
 # within 5e-3, the eval loss after 20 steps within 1e-2; the distance of each bf16 curve from the
 # fp32 one is reported alongside.
-for mode in on off fp32; do
+# fp16 (the V100 path: dynamic loss scaling) runs the same 20 steps, its distance from fp32 beside.
+for mode in on off fp32 fp16; do
   precision=bf16; kernels=1
   [ $mode = off ] && kernels=0
   [ $mode = fp32 ] && precision=fp32
+  [ $mode = fp16 ] && precision=fp16
   run "train_20_steps_$mode" 150 env FERROTUNE_KERNELS=$kernels \
     "$ft" --json train --config configs/tiny_sample.yaml --set device=cuda --set precision=$precision \
     --set max_steps=20 --set logging_steps=1 --set eval_steps=20 --set save_steps=20 \
     --set "output_dir=$scratch/k$mode"
 done
-compare="$(python3 - "$scratch"/kon/metrics.jsonl "$scratch"/koff/metrics.jsonl "$scratch"/kfp32/metrics.jsonl <<'PY'
+compare="$(python3 - "$scratch"/kon/metrics.jsonl "$scratch"/koff/metrics.jsonl "$scratch"/kfp32/metrics.jsonl "$scratch"/kfp16/metrics.jsonl <<'PY'
 import json, sys
 def curve(path):
     recs = [json.loads(l) for l in open(path)]
     return ({r["step"]: r["loss"] for r in recs if r["type"] == "train"},
             [r["eval_loss"] for r in recs if r["type"] == "eval"][-1])
 (on, eval_on), (off, eval_off), (f32, eval_f32) = (curve(p) for p in sys.argv[1:4])
+try:
+    f16, eval_f16 = curve(sys.argv[4])
+    fp16 = {"eval_loss_fp16": eval_f16,
+            "max_rel_diff_fp16_vs_fp32": max(abs(f16[k] - f32[k]) / abs(f32[k]) for k in f32 if k in f16)}
+except Exception as e:  # the fp16 run failed: its own step says why
+    fp16 = {"fp16": f"no curve ({e})"}
 rel = lambda a, b: abs(a - b) / abs(b)
 first5 = max(rel(on[k], off[k]) for k in range(1, 6))
 print(json.dumps({"steps": len(off), "first_5_steps_max_rel_diff": first5,
@@ -142,7 +150,8 @@ print(json.dumps({"steps": len(off), "first_5_steps_max_rel_diff": first5,
                   "max_rel_diff_on_vs_fp32": max(rel(on[k], f32[k]) for k in f32),
                   "max_rel_diff_off_vs_fp32": max(rel(off[k], f32[k]) for k in f32),
                   "max_rel_diff_on_vs_off": max(rel(on[k], off[k]) for k in off),
-                  "within_bf16_tolerance": first5 <= 5e-3 and rel(eval_on, eval_off) <= 1e-2}))
+                  "within_bf16_tolerance": first5 <= 5e-3 and rel(eval_on, eval_off) <= 1e-2,
+                  **fp16}))
 PY
 )"
 echo "$compare" | tee -a "$log"
