@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use crate::frozen_linear::FrozenMatmul;
+use crate::lora_linear::PairCasts;
 
 /// PEFT's LoRA hyper-parameters (names as in `adapter_config.json`).
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +62,35 @@ pub struct LoraPair {
     /// `A` and `B` cast to the activations' dtype once, for an adapter that is only served
     /// (see [`LoraPair::cache_casts`]).
     pub inference_casts: std::sync::OnceLock<(Tensor, Tensor)>,
+    /// `A` and `scale·B` cast for the training step under way, which all three of its passes
+    /// reuse (see [`StepCasts`]); `None` outside one.
+    step_casts: std::sync::Mutex<Option<PairCasts>>,
+}
+
+/// The pairs' [`PairCasts`] for one training step: formed when made, dropped with it. The pairs
+/// must not change meanwhile (the optimizer runs after the step).
+pub(crate) struct StepCasts<'a> {
+    pairs: Vec<&'a LoraPair>,
+}
+
+impl<'a> StepCasts<'a> {
+    pub(crate) fn new(pairs: Vec<&'a LoraPair>, dtype: DType) -> Result<StepCasts<'a>> {
+        for p in &pairs {
+            let casts = PairCasts::of(p.a.as_tensor(), p.b.as_tensor(), p.scale, dtype)?;
+            *p.step_casts.lock().expect("step casts lock") = Some(casts);
+        }
+        Ok(StepCasts { pairs })
+    }
+}
+
+impl Drop for StepCasts<'_> {
+    fn drop(&mut self) {
+        for p in &self.pairs {
+            if let Ok(mut c) = p.step_casts.lock() {
+                *c = None;
+            }
+        }
+    }
 }
 
 impl LoraPair {
@@ -77,14 +107,12 @@ impl LoraPair {
         let a: Vec<f32> = (0..r * in_dim)
             .map(|_| (2.0 * uniform() - 1.0) * bound)
             .collect();
-        Ok(LoraPair {
-            a: Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), device)?)?,
-            b: Var::zeros((out_dim, r), DType::F32, device)?,
-            scale: cfg.scale(),
-            dropout: cfg.lora_dropout,
-            dropout_key: AtomicU64::new(0),
-            inference_casts: Default::default(),
-        })
+        Ok(LoraPair::new(
+            Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), device)?)?,
+            Var::zeros((out_dim, r), DType::F32, device)?,
+            cfg.scale(),
+            cfg.lora_dropout,
+        ))
     }
 
     /// `scale · dropout(x)·Aᵀ·Bᵀ` for `x` `[..., in]`, computed in `x`'s dtype. Outside
@@ -115,6 +143,30 @@ impl LoraPair {
 }
 
 impl LoraPair {
+    /// The pair as PEFT's adapter weights, with no casts held.
+    pub fn new(a: Var, b: Var, scale: f64, dropout: f64) -> LoraPair {
+        LoraPair {
+            a,
+            b,
+            scale,
+            dropout,
+            dropout_key: AtomicU64::new(0),
+            inference_casts: Default::default(),
+            step_casts: Default::default(),
+        }
+    }
+
+    /// Whether a training step's casts are held (only while one is under way).
+    pub fn holds_step_casts(&self) -> bool {
+        self.step_casts.lock().is_ok_and(|c| c.is_some())
+    }
+
+    /// The casts of the training step under way for input `x`, if one holds them.
+    fn step_casts_for(&self, x: &Tensor) -> Option<PairCasts> {
+        let casts = self.step_casts.lock().ok().and_then(|c| c.clone());
+        casts.filter(|c| c.a.dtype() == x.dtype() && c.a.device().same_device(x.device()))
+    }
+
     /// Inverted-dropout mask shaped like `x` (0 or `1/(1-p)`), drawn from this pair's key on
     /// `x`'s device: the same key and shape give the same mask on every device.
     fn dropout_mask(&self, x: &Tensor) -> Result<Tensor> {
@@ -205,10 +257,10 @@ impl Linear {
                 crate::lora_linear::lora_linear(
                     x,
                     self.base.weight(),
-                    l.a.as_tensor(),
-                    l.b.as_tensor(),
+                    (l.a.as_tensor(), l.b.as_tensor()),
                     l.scale,
                     mask,
+                    l.step_casts_for(x),
                 )
             }
             Some(l) => self.base.forward(x)? + l.delta(x, train)?,
@@ -225,10 +277,10 @@ impl Linear {
                 let y = crate::lora_linear::lora_linear(
                     x,
                     self.base.weight(),
-                    &l.a.as_tensor().detach(),
-                    &l.b.as_tensor().detach(),
+                    (&l.a.as_tensor().detach(), &l.b.as_tensor().detach()),
                     l.scale,
                     mask.clone(),
+                    l.step_casts_for(x),
                 )?;
                 Ok((y, mask))
             }
@@ -257,10 +309,10 @@ impl Linear {
                 let (dx, da, db) = crate::lora_linear::lora_linear_grads(
                     x,
                     self.base.weight(),
-                    l.a.as_tensor(),
-                    l.b.as_tensor(),
+                    (l.a.as_tensor(), l.b.as_tensor()),
                     l.scale,
                     mask,
+                    l.step_casts_for(x).as_ref(),
                     g,
                 )?;
                 Ok((dx, Some((da, db))))

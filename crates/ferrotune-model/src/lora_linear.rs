@@ -15,16 +15,35 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Mul};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
+/// `A` and `scale·B` in the activations' dtype: what the forward and the backward compute from
+/// the f32 pair before their GEMMs. Formed once per training step where the caller holds them
+/// (see `Phi3::loss_and_grads_recompute`), instead of at each of the step's three passes.
+#[derive(Clone)]
+pub struct PairCasts {
+    pub a: Tensor,
+    pub sb: Tensor,
+}
+
+impl PairCasts {
+    /// From the f32 pair, exactly as [`lora_linear`] and [`lora_linear_grads`] form them.
+    pub fn of(a: &Tensor, b: &Tensor, scale: f64, dtype: DType) -> Result<PairCasts> {
+        Ok(PairCasts {
+            a: a.detach().to_dtype(dtype)?,
+            sb: b.detach().to_dtype(dtype)?.affine(scale, 0.0)?,
+        })
+    }
+}
+
 /// `[..., in]` → `[..., out]` through `weight` `[out, in]` and the pair `a` `[r, in]`, `b`
 /// `[out, r]` (f32 variables) scaled by `scale`; `mask` (shaped like `x`, in `x`'s dtype) is the
-/// adapter input's dropout.
+/// adapter input's dropout; `casts`, where given, are the pair's [`PairCasts`] for x's dtype.
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
+    (a, b): (&Tensor, &Tensor),
     scale: f64,
     mask: Option<Tensor>,
+    casts: Option<PairCasts>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let op = LoraLinear {
@@ -34,6 +53,7 @@ pub fn lora_linear(
             None => None,
         },
         scale,
+        casts,
     };
     x.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
@@ -42,6 +62,7 @@ struct LoraLinear {
     weight: Tensor,
     mask: Option<Tensor>,
     scale: f64,
+    casts: Option<PairCasts>,
 }
 
 /// Rows, out, in, rank, and the output shape.
@@ -76,36 +97,92 @@ fn as_dtype<S: BackendStorage>(s: &S, l: &Layout, dtype: DType) -> Result<Option
     }
 }
 
-/// The forward on one backend's storage: `w` is the frozen weight `[n, k]` and `mask` the
-/// dropout mask, both on the same device as `x`.
-#[allow(clippy::too_many_arguments)]
+/// The frozen weight, the dropout mask and the pair's casts of a [`LoraLinear`] as one backend's
+/// storages (on `x`'s device).
+struct Operands<'a, S> {
+    w: (&'a S, &'a Layout),
+    mask: Option<(&'a S, &'a Layout)>,
+    /// `A` `[r, k]` and `scale·B` `[n, r]` in x's dtype.
+    casts: Option<[(&'a S, &'a Layout); 2]>,
+}
+
+/// Runs `f` on the op's weight, mask and casts as the backend storages `pick` finds (each held
+/// read-locked meanwhile); an operand on another device is an error.
+fn with_operands<S, R>(
+    op: &LoraLinear,
+    pick: fn(&Storage) -> Option<&S>,
+    f: impl FnOnce(Operands<'_, S>) -> Result<R>,
+) -> Result<R> {
+    let (w, wl) = op.weight.storage_and_layout();
+    let mask = op.mask.as_ref().map(|m| m.storage_and_layout());
+    let casts = op
+        .casts
+        .as_ref()
+        .map(|c| [c.a.storage_and_layout(), c.sb.storage_and_layout()]);
+    fn on_device<'s, S>(
+        pick: fn(&Storage) -> Option<&S>,
+        what: &str,
+        s: &'s Storage,
+    ) -> Result<&'s S> {
+        match pick(s) {
+            Some(s) => Ok(s),
+            None => candle_core::bail!("lora linear: {what} and input are on different devices"),
+        }
+    }
+    let with = Operands {
+        w: (on_device(pick, "weight", &w)?, wl),
+        mask: match &mask {
+            Some((s, l)) => Some((on_device(pick, "mask", s)?, *l)),
+            None => None,
+        },
+        casts: match &casts {
+            Some([(sa, la), (sb, lb)]) => Some([
+                (on_device(pick, "A's cast", sa)?, *la),
+                (on_device(pick, "B's cast", sb)?, *lb),
+            ]),
+            None => None,
+        },
+    };
+    f(with)
+}
+
+/// The forward on one backend's storage.
 fn forward<S: BackendStorage>(
     op: &LoraLinear,
-    x: &S,
-    xl: &Layout,
-    a: &S,
-    al: &Layout,
-    b: &S,
-    bl: &Layout,
-    w: (&S, &Layout),
-    mask: Option<(&S, &Layout)>,
+    (x, xl): (&S, &Layout),
+    (a, al): (&S, &Layout),
+    (b, bl): (&S, &Layout),
+    with: Operands<'_, S>,
 ) -> Result<(S, Shape)> {
     let (m, n, k, r, shape) = dims(&op.weight, xl, al, bl)?;
     let x2 = Layout::contiguous_with_offset((m, k), xl.start_offset());
     let rows = |cols: usize| Layout::contiguous((m, cols));
-    let wt = w.1.transpose(0, 1)?;
-    let y = x.matmul(w.0, (1, m, n, k), &x2, &wt)?;
-    // The adapter in x's dtype, as PEFT casts it.
-    let a_cast = as_dtype(a, al, x.dtype())?;
-    let (a, al) = match &a_cast {
-        Some(c) => (c, Layout::contiguous((r, k))),
-        None => (a, al.clone()),
+    let wt = with.w.1.transpose(0, 1)?;
+    let y = x.matmul(with.w.0, (1, m, n, k), &x2, &wt)?;
+    // The adapter in x's dtype, as PEFT casts it (cast here unless the step's casts are given).
+    let (a_cast, sb_owned) = match with.casts {
+        Some(_) => (None, None),
+        None => {
+            let a_cast = as_dtype(a, al, x.dtype())?;
+            let b_cast = as_dtype(b, bl, x.dtype())?;
+            let sb = match &b_cast {
+                Some(c) => c.affine(&Layout::contiguous((n, r)), op.scale, 0.0)?,
+                None => b.affine(bl, op.scale, 0.0)?,
+            };
+            (a_cast, Some(sb))
+        }
     };
-    let b_cast = as_dtype(b, bl, x.dtype())?;
-    let (b, bl) = match &b_cast {
-        Some(c) => (c, Layout::contiguous((n, r))),
-        None => (b, bl.clone()),
+    let (a, al) = match (&with.casts, &a_cast) {
+        (Some([(ca, cal), _]), _) => (*ca, (*cal).clone()),
+        (None, Some(c)) => (c, Layout::contiguous((r, k))),
+        (None, None) => (a, al.clone()),
     };
+    let (sb, sbl) = match (&with.casts, &sb_owned) {
+        (Some([_, (cb, cbl)]), _) => (*cb, (*cbl).clone()),
+        (None, Some(sb)) => (sb, Layout::contiguous((n, r))),
+        (None, None) => unreachable!("formed above when no casts are given"),
+    };
+    let mask = with.mask;
     let dropped = match mask {
         Some((mk, ml)) => Some(x.binary_impl::<Mul>(
             mk,
@@ -119,13 +196,7 @@ fn forward<S: BackendStorage>(
         None => (x, x2.clone()),
     };
     let t = xd.matmul(a, (1, m, r, k), &xdl, &al.transpose(0, 1)?)?;
-    let sb = b.affine(&bl, op.scale, 0.0)?;
-    let u = t.matmul(
-        &sb,
-        (1, m, n, r),
-        &rows(r),
-        &Layout::contiguous((n, r)).transpose(0, 1)?,
-    )?;
+    let u = t.matmul(sb, (1, m, n, r), &rows(r), &sbl.transpose(0, 1)?)?;
     Ok((y.binary_impl::<Add>(&u, &rows(n), &rows(n))?, shape))
 }
 
@@ -143,19 +214,15 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (w, wl) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*w else {
-            candle_core::bail!("lora linear: weight and input are on different devices");
-        };
-        let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = match &mask {
-            Some((s, l)) => match &**s {
-                Storage::Cpu(s) => Some((s, *l)),
-                _ => candle_core::bail!("lora linear: mask and input are on different devices"),
-            },
-            None => None,
-        };
-        forward(self, x, xl, a, al, b, bl, (w, wl), mask)
+        fn pick(s: &Storage) -> Option<&CpuStorage> {
+            match s {
+                Storage::Cpu(s) => Some(s),
+                _ => None,
+            }
+        }
+        with_operands(self, pick, |with| {
+            forward(self, (x, xl), (a, al), (b, bl), with)
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -168,19 +235,15 @@ impl CustomOp3 for LoraLinear {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (w, wl) = self.weight.storage_and_layout();
-        let Storage::Cuda(w) = &*w else {
-            candle_core::bail!("lora linear: weight and input are on different devices");
-        };
-        let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = match &mask {
-            Some((s, l)) => match &**s {
-                Storage::Cuda(s) => Some((s, *l)),
-                _ => candle_core::bail!("lora linear: mask and input are on different devices"),
-            },
-            None => None,
-        };
-        forward(self, x, xl, a, al, b, bl, (w, wl), mask)
+        fn pick(s: &Storage) -> Option<&candle_core::CudaStorage> {
+            match s {
+                Storage::Cuda(s) => Some(s),
+                _ => None,
+            }
+        }
+        with_operands(self, pick, |with| {
+            forward(self, (x, xl), (a, al), (b, bl), with)
+        })
     }
 
     fn bwd(
@@ -191,21 +254,29 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, da, db) =
-            lora_linear_grads(x, &self.weight, a, b, self.scale, self.mask.as_ref(), grad)?;
+        let (dx, da, db) = lora_linear_grads(
+            x,
+            &self.weight,
+            (a, b),
+            self.scale,
+            self.mask.as_ref(),
+            self.casts.as_ref(),
+            grad,
+        )?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
 
 /// The gradients of [`lora_linear`]'s input, `A` and `B` (the pair's in f32) given `grad`, the
-/// gradient of its output. Records no backward.
+/// gradient of its output (`casts`: the pair's [`PairCasts`], where the caller holds them).
+/// Records no backward.
 pub(crate) fn lora_linear_grads(
     x: &Tensor,
     weight: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
+    (a, b): (&Tensor, &Tensor),
     scale: f64,
     mask: Option<&Tensor>,
+    casts: Option<&PairCasts>,
     grad: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let k = x.dim(candle_core::D::Minus1)?;
@@ -222,8 +293,10 @@ pub(crate) fn lora_linear_grads(
         Some(mk) => (&x2 * mk)?,
         None => x2,
     };
-    let a = a.detach().to_dtype(dtype)?;
-    let sb = b.detach().to_dtype(dtype)?.affine(scale, 0.0)?;
+    let PairCasts { a, sb } = match casts {
+        Some(c) => c.clone(),
+        None => PairCasts::of(a, b, scale, dtype)?,
+    };
     let t = xd.matmul(&a.t()?)?;
     // d/d(s·B) = gᵀ·t, so dB = s·gᵀ·t; d/dt = g·(s·B); dA = (d/dt)ᵀ·dropout(x).
     let db = g.t()?.matmul(&t)?.affine(scale, 0.0)?;
@@ -299,7 +372,7 @@ mod tests {
                         .to_dtype(dtype)
                         .unwrap()
                 });
-                let fused = lora_linear(&x, &w, &a, &b, scale, mask.clone()).unwrap();
+                let fused = lora_linear(&x, &w, (&a, &b), scale, mask.clone(), None).unwrap();
                 let reference = composed(&x, &w, &a, &b, scale, mask.as_ref());
                 let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
                 let d = relative(&fused, &reference);

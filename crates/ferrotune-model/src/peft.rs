@@ -186,14 +186,12 @@ pub fn load_adapter(model: &mut Phi3, dir: &Path) -> Result<LoraConfig> {
                 cfg.r
             )));
         }
-        linear.lora = Some(LoraPair {
-            a: Var::from_tensor(&a.to_dtype(DType::F32)?.to_device(&device)?)?,
-            b: Var::from_tensor(&b.to_dtype(DType::F32)?.to_device(&device)?)?,
-            scale: cfg.scale(),
-            dropout: cfg.lora_dropout,
-            dropout_key: Default::default(),
-            inference_casts: Default::default(),
-        });
+        linear.lora = Some(LoraPair::new(
+            Var::from_tensor(&a.to_dtype(DType::F32)?.to_device(&device)?)?,
+            Var::from_tensor(&b.to_dtype(DType::F32)?.to_device(&device)?)?,
+            cfg.scale(),
+            cfg.lora_dropout,
+        ));
     }
     Ok(cfg)
 }

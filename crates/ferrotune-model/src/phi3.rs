@@ -558,6 +558,9 @@ impl Phi3 {
         let (cos, sin) = self
             .rope
             .cos_sin(&batch.positions, self.dtype, &self.device)?;
+        // A and scale·B cast once for the step's three passes (forward, re-run, backward).
+        let pairs = self.lora_pairs().into_iter().map(|(_, p)| p).collect();
+        let _casts = crate::lora::StepCasts::new(pairs, self.dtype)?;
         let bias = &batch.attention_bias;
         let at = crate::decoder_backward::Positions {
             cos: &cos,

@@ -157,6 +157,40 @@ fn greedy_generation_matches_transformers_with_and_without_adapter() {
     }
 }
 
+/// In bf16 on the CPU, recompute's layers go through candle's graph with the same ops as the
+/// plain graph, but with A and scale·B cast once for the step instead of inside each op: the
+/// gradients must be the plain graph's bit for bit, and no cast may outlive the step.
+#[test]
+fn recompute_with_step_casts_equals_the_plain_graph_in_bf16() {
+    for name in ["gqa_sharded", "packed"] {
+        let mut c = common::load_on(name, candle_core::DType::BF16, &Device::Cpu);
+        peft::load_adapter(&mut c.model, &case_dir(name).join("adapter")).unwrap();
+        let sum = c.model.loss_sum(&c.batch, &c.labels, true).unwrap();
+        let plain = sum.sum.backward().unwrap();
+        let (rsum, n, grads) = c
+            .model
+            .loss_and_grads_recompute(&c.batch, &c.labels, 1.0)
+            .unwrap();
+        assert_eq!(n, sum.tokens);
+        assert_eq!(rsum, sum.sum.to_scalar::<f32>().unwrap(), "{name}: loss");
+        for (g, v) in grads.iter().zip(c.model.trainable_vars()) {
+            let p = plain.get(v.as_tensor()).unwrap();
+            assert_eq!(
+                max_abs(&(g - p).unwrap()),
+                0.0,
+                "{name}: a gradient differs"
+            );
+        }
+        assert!(
+            c.model
+                .lora_pairs()
+                .iter()
+                .all(|(_, p)| !p.holds_step_casts()),
+            "{name}: casts outlived the step"
+        );
+    }
+}
+
 #[test]
 fn per_layer_recompute_gives_the_plain_graph_gradients() {
     for name in ["gqa_sharded", "sliding_window", "packed", "padded"] {

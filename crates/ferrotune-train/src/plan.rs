@@ -419,6 +419,20 @@ impl Dims {
             .sum()
     }
 
+    /// Recompute's step-long casts of every pair (`ferrotune_model::lora::StepCasts`): `scale·B`
+    /// in the model dtype, and `A` where that dtype is not f32 (in f32 the cast shares A's
+    /// storage). Per layer; the fused linear's only.
+    fn step_casts(&self, lora: &LoraConfig) -> u128 {
+        if !self.fused_lora {
+            return 0;
+        }
+        self.linears(lora)
+            .iter()
+            .filter(|l| l.targeted)
+            .map(|l| self.r * (self.conv * l.input + l.output) * self.d)
+            .sum()
+    }
+
     /// One decoder layer's graph, bytes per token, without its input (`DecoderLayer::forward`).
     fn layer_kept(&self, lora: &LoraConfig) -> u128 {
         let [qkv, o, gate_up, down] = self.linears(lora);
@@ -611,6 +625,8 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
     } else {
         l * n * h * d + n * h * d + n * (h * d + kept + leak_before + 2 * h * d) + casts
     };
+    // Recompute holds every layer's A and scale·B casts for the whole step.
+    let with = with + l * dims.step_casts(lora);
     let activations = if input.recompute { with } else { without };
 
     // The head's graph (and its leaked gradient): without recompute it stays until the layers
