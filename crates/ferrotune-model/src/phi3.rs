@@ -401,8 +401,6 @@ impl Phi3 {
         Ok(())
     }
 
-    /// Every LoRA pair with its PEFT module path
-    /// (`model.layers.{i}.self_attn.qkv_proj`, ...), in layer order.
     /// Cast every adapter to the model's dtype once, for serving and generation: see
     /// [`LoraPair::cache_casts`]. Not for a model that is still trained.
     pub fn cache_adapter_casts(&self) -> Result<()> {
@@ -412,6 +410,8 @@ impl Phi3 {
         Ok(())
     }
 
+    /// Every LoRA pair with its PEFT module path
+    /// (`model.layers.{i}.self_attn.qkv_proj`, ...), in layer order.
     pub fn lora_pairs(&self) -> Vec<(String, &LoraPair)> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
