@@ -41,7 +41,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
 }
 
 /// Whether a step with `queries` new positions against a KV cache takes the fused decode kernel
-/// ([`ferrotune_kernels::decode_attention`]): on CUDA with the kernels on, for decoding steps
+/// ([`ferrotune_kernels::decode_attention()`]): on CUDA with the kernels on, for decoding steps
 /// (up to [`ferrotune_kernels::decode_attention::MAX_QUERIES`] queries).
 /// `FERROTUNE_DECODE_ATTENTION=composed` turns it off (for A/B runs); `=fused` turns it on
 /// on the CPU too, where the kernel's CPU reference runs (how the tests drive the CUDA path's

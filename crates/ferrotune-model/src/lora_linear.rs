@@ -25,7 +25,7 @@ pub struct PairCasts {
 }
 
 impl PairCasts {
-    /// From the f32 pair, exactly as [`lora_linear`] and [`lora_linear_grads`] form them.
+    /// From the f32 pair, exactly as [`lora_linear`] and `lora_linear_grads` form them.
     pub fn of(a: &Tensor, b: &Tensor, scale: f64, dtype: DType) -> Result<PairCasts> {
         Ok(PairCasts {
             a: a.detach().to_dtype(dtype)?,

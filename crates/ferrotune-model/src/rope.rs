@@ -110,7 +110,7 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// Query, key and value heads `[b, heads, t, head_dim]` of the fused projection `qkv`, query and
 /// key rotated: one kernel on CUDA (`ferrotune_kernels::rope_qkv`), otherwise split by
-/// [`split_heads`] and rotated by [`apply`].
+/// `split_heads` and rotated by [`apply`].
 pub fn heads(
     qkv: &Tensor,
     cos: &Tensor,
