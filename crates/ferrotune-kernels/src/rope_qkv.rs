@@ -14,7 +14,7 @@ use crate::rows;
 
 /// Query, key and value heads `[b, heads, t, head_dim]` of `qkv` `[b, t, (q_heads + 2·kv_heads)·
 /// head_dim]`, query and key rotated by `cos`/`sin` `[b, t, head_dim]` (in qkv's dtype), as
-/// [`crate::rope`] rotates them. Differentiable (the backward is [`rope_qkv_adjoint`]).
+/// [`crate::rope()`] rotates them. Differentiable (the backward is [`rope_qkv_adjoint`]).
 pub fn rope_qkv(
     qkv: &Tensor,
     cos: &Tensor,
