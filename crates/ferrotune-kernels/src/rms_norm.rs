@@ -159,23 +159,13 @@ impl CustomOp1 for RmsNorm {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (w, wl) = crate::launch::storage_of(&self.weight)?;
-        let candle_core::Storage::Cuda(w) = &*w else {
-            unreachable!("storage_of checked the device")
-        };
-        let k = cuda::Norm {
-            x: (s, l),
-            second: None,
-            w: (w, &wl),
-            residual: None,
-            outputs: 1,
-            eps: self.eps,
-        };
-        let out = crate::launch::run(
-            &k,
-            s.dtype(),
-            s.device(),
-            ("ferrotune_rms_norm", crate::ptx::RMS_NORM),
+        let out = cuda::run_norm(
+            &self.weight,
+            (s, l),
+            None,
+            None,
+            1,
+            self.eps,
             "rms_norm_fwd",
         )?;
         Ok((out, l.shape().clone()))
@@ -239,23 +229,14 @@ impl CustomOp2 for AddRmsNorm {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (w, wl) = crate::launch::storage_of(&self.weight)?;
-        let candle_core::Storage::Cuda(w) = &*w else {
-            unreachable!("storage_of checked the device")
-        };
-        let k = cuda::Norm {
-            x: (s1, l1),
-            second: Some((s2, l2)),
-            w: (w, &wl),
-            residual: None,
-            outputs: 2,
-            eps: self.eps,
-        };
-        let out = crate::launch::run(
-            &k,
-            s1.dtype(),
-            s1.device(),
-            ("ferrotune_rms_norm", crate::ptx::RMS_NORM),
+        let second = Some((s2, l2));
+        let out = cuda::run_norm(
+            &self.weight,
+            (s1, l1),
+            second,
+            None,
+            2,
+            self.eps,
             "rms_norm_add_fwd",
         )?;
         Ok((out, Shape::from(2 * l1.shape().elem_count())))
@@ -301,41 +282,13 @@ impl CustomOp2 for RmsNormGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (w, wl) = crate::launch::storage_of(&self.weight)?;
-        let candle_core::Storage::Cuda(w) = &*w else {
-            unreachable!("storage_of checked the device")
-        };
-        let residual = match &self.residual {
-            Some(r) => Some(crate::launch::storage_of(r)?),
-            None => None,
-        };
-        let residual = match &residual {
-            Some((s, l)) => match &**s {
-                candle_core::Storage::Cuda(s) => Some((s, l)),
-                _ => unreachable!("storage_of checked the device"),
-            },
-            None => None,
-        };
-        let k = cuda::Norm {
-            x: (s1, l1),
-            second: Some((s2, l2)),
-            w: (w, &wl),
-            residual,
-            outputs: 1,
-            eps: self.eps,
-        };
-        let base = if k.residual.is_some() {
+        let base = if self.residual.is_some() {
             "rms_norm_bwd_add"
         } else {
             "rms_norm_bwd"
         };
-        let out = crate::launch::run(
-            &k,
-            s1.dtype(),
-            s1.device(),
-            ("ferrotune_rms_norm", crate::ptx::RMS_NORM),
-            base,
-        )?;
+        let (second, residual) = (Some((s2, l2)), self.residual.as_ref());
+        let out = cuda::run_norm(&self.weight, (s1, l1), second, residual, 1, self.eps, base)?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -348,7 +301,39 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
-    use crate::launch::{i32_of, output, per_row, view, Launch};
+    use crate::launch::{i32_of, output, per_row, storage_of, view, Launch};
+
+    /// Runs the RMSNorm kernel `base` on `x` with the frozen `weight` (see [`Norm`] for the
+    /// other operands).
+    pub fn run_norm(
+        weight: &candle_core::Tensor,
+        x: (&CudaStorage, &Layout),
+        second: Option<(&CudaStorage, &Layout)>,
+        residual: Option<&candle_core::Tensor>,
+        outputs: usize,
+        eps: f32,
+        base: &str,
+    ) -> Result<CudaStorage> {
+        use candle_core::backend::BackendStorage;
+        fn cuda_of(s: &candle_core::Storage) -> &CudaStorage {
+            match s {
+                candle_core::Storage::Cuda(s) => s,
+                _ => unreachable!("storage_of checked the device"),
+            }
+        }
+        let (w, wl) = storage_of(weight)?;
+        let res = residual.map(storage_of).transpose()?;
+        let k = Norm {
+            x,
+            second,
+            w: (cuda_of(&w), &wl),
+            residual: res.as_ref().map(|(s, l)| (cuda_of(s), l)),
+            outputs,
+            eps,
+        };
+        let rms = ("ferrotune_rms_norm", crate::ptx::RMS_NORM);
+        crate::launch::run(&k, x.0.dtype(), x.0.device(), rms, base)
+    }
 
     /// One RMSNorm kernel over rows of `h`; its arguments, in order: `x`, `second` (the
     /// gradient `g` backward, the added `y` in the joined forward), `w`, `residual` (the joined
