@@ -8,6 +8,7 @@ pub mod attention_softmax;
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod dropout;
+pub mod flash_attention;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(feature = "cuda")]
@@ -22,6 +23,7 @@ pub use attention_softmax::{attention_softmax, attention_softmax_grad};
 pub use cross_entropy::{cross_entropy_grad, cross_entropy_nll, NO_TARGET};
 pub use decode_attention::decode_attention;
 pub use dropout::dropout_mask;
+pub use flash_attention::{flash_attention, flash_attention_grad};
 pub use rms_norm::{add_rms_norm, rms_norm, rms_norm_grad, rms_norm_grad_add};
 pub use rope::{rope, rope_adjoint};
 pub use rope_qkv::{rope_qkv, rope_qkv_adjoint};

@@ -12,6 +12,10 @@
 //!   them, since recomputing them costs a softmax pass that the saved fills and adds do not repay.
 //!
 //! Inference, other dtypes on the CPU, and `FERROTUNE_KERNELS=0` on CUDA use the composed path.
+//!
+//! `FERROTUNE_TRAIN_ATTENTION=flash` instead runs [`ferrotune_kernels::flash_attention()`] where it
+//! applies (see [`flash_applies`]): no score matrix at all, the output in `o_proj`'s layout, each
+//! row's log-sum-exp kept for the backward.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -23,6 +27,21 @@ use crate::softmax::{attention_probs, scaled_masked_softmax};
 /// already repeated for GQA) and an f32 `bias` `[b, 1, tq, tk]`; `[b, h, tq, d]` out.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let tracked = q.track_op() || k.track_op() || v.track_op();
+    if flash_applies(q, k) {
+        let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
+        let (out, lse) = ferrotune_kernels::flash_attention(&q0, &k0, &v0, bias, scale)?;
+        // `[b, t, heads, d]` viewed as `[b, heads, t, d]`: the caller's transpose back is free.
+        if !tracked {
+            return out.transpose(1, 2);
+        }
+        let op = FlashBackward {
+            bias: bias.clone(),
+            scale,
+            lse,
+            out: Handover::new("attention output", out),
+        };
+        return q.apply_op3(k, v, op)?.transpose(1, 2);
+    }
     let cpu = q.device().is_cpu() && q.dtype() == DType::F32;
     let cuda = q.device().is_cuda() && ferrotune_kernels::enabled();
     if tracked && (cpu || cuda) {
@@ -57,6 +76,23 @@ pub fn decode_kernel_applies(q: &Tensor, queries: usize, head_dim: usize) -> boo
         && head_dim <= ferrotune_kernels::decode_attention::MAX_HEAD_DIM
         && !q.track_op();
     fits && forced.unwrap_or(q.device().is_cuda() && ferrotune_kernels::enabled())
+}
+
+/// Whether attention over `q` and `k` (`[b, heads, t, d]`, as [`attention`] takes them) runs
+/// as flash attention: when `FERROTUNE_TRAIN_ATTENTION=flash` and the kernel takes the operands
+/// (self-attention, `tq == tk`; on CUDA bf16/f16 with head dim ≤ 128 on compute capability 8.0+
+/// and the kernels on; on the CPU its f32 reference, how the tests drive this path).
+///
+/// Off by default until its kernels have passed their parity tests on a GPU
+/// (`scripts/gpu-check.sh` runs them and the A/B benchmark).
+pub fn flash_applies(q: &Tensor, k: &Tensor) -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let chosen = *CHOICE
+        .get_or_init(|| std::env::var("FERROTUNE_TRAIN_ATTENTION").is_ok_and(|v| v == "flash"));
+    chosen
+        && q.dim(2).ok() == k.dim(2).ok()
+        && (q.device().is_cpu() || ferrotune_kernels::enabled())
+        && ferrotune_kernels::flash_attention::supports(q)
 }
 
 #[cfg(test)]
@@ -127,6 +163,67 @@ impl CustomOp3 for AttentionBackward {
                 })?
             }
         };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Carries flash attention's output (`[b, t, heads, d]`) into the graph; its backward is the
+/// flash kernel's, from the kept log-sum-exp.
+struct FlashBackward {
+    bias: Tensor,
+    scale: f64,
+    lse: Tensor,
+    out: Handover,
+}
+
+impl CustomOp3 for FlashBackward {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = ferrotune_kernels::flash_attention_grad(
+            &q.detach(),
+            &k.detach(),
+            &v.detach(),
+            &self.bias,
+            &res.detach(),
+            &self.lse,
+            &grad.detach(),
+            self.scale,
+        )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

@@ -38,7 +38,7 @@ struct Activations {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    probs: Tensor,
+    attention: AttentionKept,
     /// The attention output `[b, t, heads·d]` (`o_proj`'s input).
     attn: Tensor,
     o_mask: Option<Tensor>,
@@ -49,6 +49,14 @@ struct Activations {
     gate_up_mask: Option<Tensor>,
     /// SwiGLU's output (`down_proj`'s input).
     act: Tensor,
+}
+
+/// What attention's backward reads besides q, k, v and the output.
+enum AttentionKept {
+    /// The probabilities `[b, heads, t, t]` (composed attention).
+    Probs(Tensor),
+    /// Each row's log-sum-exp `[b, heads, t]` (flash attention).
+    Lse(Tensor),
 }
 
 impl DecoderLayer {
@@ -89,11 +97,18 @@ impl DecoderLayer {
         let (q, k, v) = ops.rope_qkv(&qkv, at.cos, at.sin, cfg)?;
         drop(qkv);
         let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
-        let probs = ops.softmax(&q.matmul(&k.t()?)?, at.bias, attention_scale(cfg))?;
-        let attn = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let scale = attention_scale(cfg);
+        let (attn, attention) = if crate::attention::flash_applies(&q, &k) {
+            let (out, lse) = ferrotune_kernels::flash_attention(&q, &k, &v, at.bias, scale)?;
+            (out.reshape((b, t, nh * hd))?, AttentionKept::Lse(lse))
+        } else {
+            let probs = ops.softmax(&q.matmul(&k.t()?)?, at.bias, scale)?;
+            let attn = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?;
+            (attn, AttentionKept::Probs(probs))
+        };
         let (o, o_mask) = self.o_proj.forward_for_grads(&attn)?;
         let (x1, h2) = ops.add_rms_norm(x, &o, &self.post_attention_layernorm, eps)?;
         drop(o);
@@ -105,7 +120,7 @@ impl DecoderLayer {
             q,
             k,
             v,
-            probs,
+            attention,
             attn,
             o_mask,
             x1,
@@ -139,7 +154,7 @@ impl DecoderLayer {
             q,
             k,
             v,
-            probs,
+            attention,
             attn,
             o_mask,
             x1,
@@ -162,16 +177,35 @@ impl DecoderLayer {
         let dx1 = ops.rms_norm_grad_add(&x1, &self.post_attention_layernorm, eps, &dh2, grad)?;
         drop((x1, dh2));
         let (dattn, o_pair) = self.o_proj.grads(&attn, o_mask.as_ref(), &dx1)?;
-        drop((attn, o_mask));
-        let dout = dattn
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        drop(dattn);
-        let (dq, dk, dv) = attention_grads(&q, &k, &v, &probs, &dout, |p, dp| {
-            ops.softmax_grad(p, dp, scale)
-        })?;
-        drop((q, k, v, probs, dout));
+        drop(o_mask);
+        let (dq, dk, dv) = match attention {
+            AttentionKept::Lse(lse) => {
+                let shape = (b, t, nh, hd);
+                let grads = ferrotune_kernels::flash_attention_grad(
+                    &q,
+                    &k,
+                    &v,
+                    at.bias,
+                    &attn.reshape(shape)?,
+                    &lse,
+                    &dattn.reshape(shape)?,
+                    scale,
+                )?;
+                drop(attn);
+                grads
+            }
+            AttentionKept::Probs(probs) => {
+                drop(attn);
+                let dout = dattn
+                    .reshape((b, t, nh, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                attention_grads(&q, &k, &v, &probs, &dout, |p, dp| {
+                    ops.softmax_grad(p, dp, scale)
+                })?
+            }
+        };
+        drop((q, k, v, dattn));
         let dqkv = ops.rope_qkv_adjoint(
             &dq,
             &sum_groups(&dk, groups)?,

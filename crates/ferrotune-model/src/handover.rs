@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor};
 
 pub(crate) struct Handover {
     what: &'static str,
@@ -27,11 +27,20 @@ impl Handover {
         }
     }
 
-    /// The value as an f32 CPU storage.
+    /// The value as a CPU storage (in its own dtype).
     pub fn cpu(&self) -> Result<(CpuStorage, Shape)> {
         let t = self.take()?.to_device(&candle_core::Device::Cpu)?;
         let shape = t.shape().clone();
-        Ok((CpuStorage::F32(t.flatten_all()?.to_vec1::<f32>()?), shape))
+        let flat = t.flatten_all()?;
+        Ok((
+            match t.dtype() {
+                DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+                DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
+                DType::F16 => CpuStorage::F16(flat.to_vec1()?),
+                other => candle_core::bail!("{}: unexpected dtype {other:?}", self.what),
+            },
+            shape,
+        ))
     }
 
     /// The value as a CUDA storage: one device copy, since a graph node cannot adopt another
