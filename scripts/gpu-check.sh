@@ -91,6 +91,14 @@ if [ -x "$bin/test-cuda_parity" ]; then
     --ignored --nocapture --test-threads 1 fixtures_in_bf16
 fi
 
+# The fixtures again with training attention through the flash kernel (FERROTUNE_TRAIN_ATTENTION=
+# flash: bf16 on sm_80+; the f32 checks keep the composed path): loss, LoRA grads, recompute's
+# hand-written backward, trainer steps and generation's prefill against transformers + PEFT.
+if [ -x "$bin/test-cuda_parity" ]; then
+  run test-cuda_parity_flash_attention 150 env FERROTUNE_TRAIN_ATTENTION=flash \
+    "$bin/test-cuda_parity" --ignored --nocapture --test-threads 1
+fi
+
 # compute-sanitizer's memcheck over every kernel's parity test (odd sizes, all dtypes) and the
 # hand-written layer backward on CUDA ([kernels]: "memcheck clean"). The device image carries the
 # tool; where it is missing or refuses the device (gVisor) the step records that, and fails.
@@ -119,17 +127,19 @@ cp "$scratch/tiny/metrics.jsonl" "$OUT/tiny_sample_metrics.jsonl" 2>/dev/null
 # within 5e-3, the eval loss after 20 steps within 1e-2; the distance of each bf16 curve from the
 # fp32 one is reported alongside.
 # fp16 (the V100 path: dynamic loss scaling) runs the same 20 steps, its distance from fp32 beside.
-for mode in on off fp32 fp16; do
-  precision=bf16; kernels=1
+# flash: training attention through the flash kernel, against the kernels-on curve.
+for mode in on off fp32 fp16 flash; do
+  precision=bf16; kernels=1; attention=composed
   [ $mode = off ] && kernels=0
+  [ $mode = flash ] && attention=flash
   [ $mode = fp32 ] && precision=fp32
   [ $mode = fp16 ] && precision=fp16
-  run "train_20_steps_$mode" 150 env FERROTUNE_KERNELS=$kernels \
+  run "train_20_steps_$mode" 150 env FERROTUNE_KERNELS=$kernels FERROTUNE_TRAIN_ATTENTION=$attention \
     "$ft" --json train --config configs/tiny_sample.yaml --set device=cuda --set precision=$precision \
     --set max_steps=20 --set logging_steps=1 --set eval_steps=20 --set save_steps=20 \
     --set "output_dir=$scratch/k$mode"
 done
-compare="$(python3 - "$scratch"/kon/metrics.jsonl "$scratch"/koff/metrics.jsonl "$scratch"/kfp32/metrics.jsonl "$scratch"/kfp16/metrics.jsonl <<'PY'
+compare="$(python3 - "$scratch"/kon/metrics.jsonl "$scratch"/koff/metrics.jsonl "$scratch"/kfp32/metrics.jsonl "$scratch"/kfp16/metrics.jsonl "$scratch"/kflash/metrics.jsonl <<'PY'
 import json, sys
 def curve(path):
     recs = [json.loads(l) for l in open(path)]
@@ -143,6 +153,13 @@ try:
 except Exception as e:  # the fp16 run failed: its own step says why
     fp16 = {"fp16": f"no curve ({e})"}
 rel = lambda a, b: abs(a - b) / abs(b)
+try:
+    fl, eval_fl = curve(sys.argv[5])
+    flash = {"eval_loss_flash": eval_fl,
+             "flash_first_5_steps_max_rel_diff_vs_on": max(rel(fl[k], on[k]) for k in range(1, 6)),
+             "flash_eval_rel_diff_vs_on": rel(eval_fl, eval_on)}
+except Exception as e:  # the flash run failed: its own step says why
+    flash = {"flash": f"no curve ({e})"}
 first5 = max(rel(on[k], off[k]) for k in range(1, 6))
 print(json.dumps({"steps": len(off), "first_5_steps_max_rel_diff": first5,
                   "eval_loss_on": eval_on, "eval_loss_off": eval_off, "eval_loss_fp32": eval_f32,
@@ -151,7 +168,7 @@ print(json.dumps({"steps": len(off), "first_5_steps_max_rel_diff": first5,
                   "max_rel_diff_off_vs_fp32": max(rel(off[k], f32[k]) for k in f32),
                   "max_rel_diff_on_vs_off": max(rel(on[k], off[k]) for k in off),
                   "within_bf16_tolerance": first5 <= 5e-3 and rel(eval_on, eval_off) <= 1e-2,
-                  **fp16}))
+                  **fp16, **flash}))
 PY
 )"
 echo "$compare" | tee -a "$log"
@@ -171,6 +188,11 @@ run bench_train_phi3_mini_dropout 300 "$ft" --json bench train --device cuda --d
 # The recompute's layer backward through candle's graph instead of the hand-written one, on the
 # same machine: what the hand-written backward gains.
 run bench_train_phi3_mini_graph_backward 300 env FERROTUNE_LAYER_BACKWARD=graph "$ft" --json bench \
+  train --device cuda --dtype bf16 --recompute "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 \
+  --warmup 2 --no-reference
+
+# Training attention through the flash kernel instead of the kept probabilities, same machine.
+run bench_train_phi3_mini_flash_attention 300 env FERROTUNE_TRAIN_ATTENTION=flash "$ft" --json bench \
   train --device cuda --dtype bf16 --recompute "${mini[@]}" --seq 2048 --batch 1 --r 16 --steps 5 \
   --warmup 2 --no-reference
 

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/install-azurite.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The CUDA kernels that have an emulator check, run on the CPU (seconds).
+scripts/emulate-kernels.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

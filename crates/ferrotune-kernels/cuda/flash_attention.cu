@@ -16,6 +16,8 @@
 //   C (16x8, f32):  0, 1 = (g, 2c), (g, 2c+1); 2, 3 = (g+8, 2c), (g+8, 2c+1).
 // So the C tiles of a score block are, two 8-key tiles at a time, the A operand of the next
 // product, and no score ever leaves the registers except dS for dq, through shared memory.
+// `emulator/` runs this file on the CPU (one thread per CUDA thread, mma.sync emulated from the
+// ISA's fragment tables): scripts/test.sh checks it there against a float64 reference.
 // Shared tiles are row-major with a pitch of D + 8 (or 72 / 40) elements: both the contiguous pair
 // loads (along a row) and the strided ones (down a column) then hit 32 distinct banks.
 #include "common.cuh"
@@ -39,14 +41,18 @@ template <typename T> __device__ __forceinline__ uint32_t pack(float lo, float h
 // c += a b for one 16x8x16 tile.
 template <typename T> __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], const uint32_t b[2]);
 template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if __CUDA_ARCH__ >= 800
+#if defined(FERROTUNE_EMULATED_MMA)
+    emulated_mma<__nv_bfloat16>(c, a, b);
+#elif __CUDA_ARCH__ >= 800
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
 template <> __device__ __forceinline__ void mma<__half>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-#if __CUDA_ARCH__ >= 800
+#if defined(FERROTUNE_EMULATED_MMA)
+    emulated_mma<__half>(c, a, b);
+#elif __CUDA_ARCH__ >= 800
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
@@ -74,13 +80,25 @@ __device__ __forceinline__ void a_fragments(uint32_t a[D / 16][4], const uint16_
     }
 }
 
-// Copies rows row0.. of a row-major [rows][d] global matrix into an [n][P] shared tile, zero
-// padded past `rows` and past `d`.
+// Copies rows row0.. of a global matrix (rows of d elements, `stride` apart) into an [n][P]
+// shared tile, zero padded past `rows` and past `d`. 16-byte loads and stores where every row
+// start is 16-byte aligned (d and the stride multiples of 8, an aligned base: Phi-3's d = 96).
 template <int D, int P>
-__device__ __forceinline__ void load_tile(uint16_t* s, int n, const uint16_t* m, int rows, int d, int row0) {
+__device__ __forceinline__ void load_tile(uint16_t* s, int n, const uint16_t* m, int rows, int d, int row0,
+                                          int64_t stride) {
+    if (d % 8 == 0 && stride % 8 == 0 && (reinterpret_cast<uintptr_t>(m) & 15) == 0) {
+        constexpr int CHUNKS = D / 8;
+        for (int i = threadIdx.x; i < n * CHUNKS; i += WARPS * 32) {
+            const int r = i / CHUNKS, col = (i - r * CHUNKS) * 8, row = row0 + r;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (row < rows && col < d) v = *reinterpret_cast<const uint4*>(m + row * stride + col);
+            *reinterpret_cast<uint4*>(s + r * P + col) = v;
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < n * D; i += WARPS * 32) {
         const int r = i / D, col = i - r * D, row = row0 + r;
-        s[r * P + col] = row < rows && col < d ? m[(int64_t)row * d + col] : 0;
+        s[r * P + col] = row < rows && col < d ? m[row * stride + col] : 0;
     }
 }
 
@@ -134,8 +152,8 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     const int keys = min(t, (qb + 1) * BQ);
     for (int k0 = 0; k0 < keys; k0 += BK) {
         __syncthreads();
-        load_tile<D, P>(ks, BK, k + head, t, d, k0);
-        load_tile<D, P>(vs, BK, v + head, t, d, k0);
+        load_tile<D, P>(ks, BK, k + head, t, d, k0, d);
+        load_tile<D, P>(vs, BK, v + head, t, d, k0, d);
         __syncthreads();
         if (k0 > q0 + 15) continue;  // every key of the tile is after this warp's queries
 
@@ -270,7 +288,7 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     // dout rows of this head: [b, t, heads, d], a row stride of heads * d.
     const uint16_t* dout_bh = dout + (b * t * heads + h) * (int64_t)d;
 
-    load_tile<D, P>(ks, BK, k + head, t, d, k0);
+    load_tile<D, P>(ks, BK, k + head, t, d, k0, d);
     uint32_t ka[D / 16][4], va[D / 16][4];
     a_fragments<D>(ka, k + head, t, d, kw);
     a_fragments<D>(va, v + head, t, d, kw);
@@ -283,11 +301,8 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
 
     for (int qt0 = k0; qt0 < t; qt0 += BQB) {
         __syncthreads();
-        load_tile<D, P>(qs, BQB, q + head, t, d, qt0);
-        for (int i = threadIdx.x; i < BQB * D; i += WARPS * 32) {
-            const int r = i / D, col = i - r * D, row = qt0 + r;
-            dos[r * P + col] = row < t && col < d ? dout_bh[(int64_t)row * heads * d + col] : 0;
-        }
+        load_tile<D, P>(qs, BQB, q + head, t, d, qt0, d);
+        load_tile<D, P>(dos, BQB, dout_bh, t, d, qt0, (int64_t)heads * d);
         if (threadIdx.x < BQB) {
             const int row = qt0 + threadIdx.x;
             lse_s[threadIdx.x] = row < t ? lse[bh * t + row] : INFINITY;

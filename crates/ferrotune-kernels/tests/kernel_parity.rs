@@ -462,3 +462,135 @@ fn decode_attention_matches_its_cpu_reference_and_the_composed_ops() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// A training bias: causal, a sliding window in batch row 0, a document boundary at position 37
+/// and (when `left_pad`) three padding tokens at the start of batch row 1, whose query rows then
+/// attend nothing (flash attention gives them 0, the composed softmax an average).
+fn training_bias(b: usize, t: usize, left_pad: bool) -> Tensor {
+    let v: Vec<f32> = (0..b * t * t)
+        .map(|n| {
+            let (row, i, j) = (n / (t * t), (n / t) % t, n % t);
+            let window_ok = row != 0 || i - j.min(i) < 200;
+            let same_doc = row == 0 || (i < 37) == (j < 37);
+            let padded = left_pad && row == 1 && j < 3;
+            if j <= i && window_ok && same_doc && !padded {
+                0.0
+            } else {
+                f32::MIN
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (b, 1, t, t), &Device::Cpu).unwrap()
+}
+
+/// Flash attention's forward (output, log-sum-exp) and backward (dq, dk, dv) on the GPU against
+/// the f32 reference on the same (rounded) inputs and against candle's autograd through the
+/// composed attention (scores GEMM, the fused softmax, output GEMM) on the GPU, at head dims
+/// that need zero padding (40, 80) and lengths that are not multiples of the 64/32 tiles.
+/// Tolerances: output relative to its largest value and gradients relative L2, vs the
+/// reference ≤ 1e-2 (bf16) / 2e-3 (f16), since the kernel rounds probabilities and score
+/// gradients to the dtype before their products as the composed path does; vs composed ≤ 3e-2
+/// (bf16) / 1e-2 (f16); log-sum-exp |Δ| ≤ 1e-3.
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn flash_attention_matches_its_cpu_reference_and_the_composed_ops() {
+    use ferrotune_kernels::{flash_attention, flash_attention_grad};
+    let dev = gpu();
+    let mut failures = Vec::new();
+    for (b, h, t, d, left_pad) in [
+        (1, 4, 1000, 96, false),
+        (2, 3, 131, 64, true),
+        (2, 2, 77, 40, false),
+        (1, 2, 65, 128, false),
+        (1, 3, 200, 80, false),
+        (1, 1, 1, 32, false),
+    ] {
+        let x = || Tensor::randn(0f32, 1.0, (b, h, t, d), &Device::Cpu).unwrap();
+        let (q, k, v) = (x(), x(), x());
+        let probe = Tensor::randn(0f32, 1.0, (b, t, h, d), &Device::Cpu).unwrap();
+        let bias = training_bias(b, t, left_pad);
+        let scale = 1.0 / (d as f64).sqrt();
+        for (dtype, ref_tol, ops_tol) in [(DType::BF16, 1e-2f32, 3e-2f32), (DType::F16, 2e-3, 1e-2)]
+        {
+            let on = |x: &Tensor, dev: &Device| x.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+            let flash = |dev: &Device| {
+                let (q, k, v, g) = (on(&q, dev), on(&k, dev), on(&v, dev), on(&probe, dev));
+                let bias = bias.to_device(dev).unwrap();
+                let (out, lse) = flash_attention(&q, &k, &v, &bias, scale).unwrap();
+                let (dq, dk, dv) =
+                    flash_attention_grad(&q, &k, &v, &bias, &out, &lse, &g, scale).unwrap();
+                [out, lse, dq, dk, dv].map(|t| cpu_f32(&t))
+            };
+            let got = flash(&dev);
+            let want = flash(&Device::Cpu);
+            let rel_max =
+                |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-20);
+            let rel_l2 = |a: &Tensor, b: &Tensor| l2(&(a - b).unwrap()) / l2(b).max(1e-20);
+            // lse is +inf on rows that attend nothing: compare the finite ones.
+            let finite = want[1].abs().unwrap().lt(1e30).unwrap();
+            let zero = want[1].zeros_like().unwrap();
+            let lse_diff = max_abs(
+                &(finite.where_cond(&got[1], &zero).unwrap()
+                    - finite.where_cond(&want[1], &zero).unwrap())
+                .unwrap(),
+            );
+            let d_ref = [
+                rel_max(&got[0], &want[0]),
+                rel_l2(&got[2], &want[2]),
+                rel_l2(&got[3], &want[3]),
+                rel_l2(&got[4], &want[4]),
+            ];
+            // The composed attention with candle's autograd (not for rows that attend nothing,
+            // where the two differ by definition).
+            let d_ops = if left_pad {
+                None
+            } else {
+                let var = |x: &Tensor| Var::from_tensor(&on(x, &dev)).unwrap();
+                let (qv, kv, vv) = (var(&q), var(&k), var(&v));
+                let s = qv.matmul(&kv.t().unwrap()).unwrap();
+                let y = attention_softmax(&s, &bias.to_device(&dev).unwrap(), scale)
+                    .unwrap()
+                    .matmul(vv.as_tensor())
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap();
+                let grads = (y.to_dtype(DType::F32).unwrap()
+                    * on(&probe, &dev).to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+                let g = |x: &Var| cpu_f32(grads.get(x.as_tensor()).unwrap());
+                Some([
+                    rel_max(&got[0], &cpu_f32(&y)),
+                    rel_l2(&got[2], &g(&qv)),
+                    rel_l2(&got[3], &g(&kv)),
+                    rel_l2(&got[4], &g(&vv)),
+                ])
+            };
+            let show = |xs: &[f32]| {
+                xs.iter()
+                    .map(|x| format!("{x:.2e}"))
+                    .collect::<Vec<_>>()
+                    .join("/")
+            };
+            let ops_shown = d_ops.as_ref().map_or("-".to_string(), |o| show(o));
+            eprintln!(
+                "flash_attention [{b},{h},{t},{d}]{} {dtype:?}: vs reference out/dq/dk/dv {}, lse {lse_diff:.2e}; vs composed {ops_shown}",
+                if left_pad { " left-padded" } else { "" },
+                show(&d_ref)
+            );
+            let ok = d_ref.iter().all(|&x| x <= ref_tol)
+                && lse_diff <= 1e-3
+                && d_ops.is_none_or(|o| o.iter().all(|&x| x <= ops_tol));
+            if !ok {
+                failures.push(format!(
+                    "[{b},{h},{t},{d}] {dtype:?}: reference {}, lse {lse_diff:e}, composed {ops_shown}",
+                    show(&d_ref)
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -86,13 +86,16 @@ pub fn decode_kernel_applies(q: &Tensor, queries: usize, head_dim: usize) -> boo
 /// Off by default until its kernels have passed their parity tests on a GPU
 /// (`scripts/gpu-check.sh` runs them and the A/B benchmark).
 pub fn flash_applies(q: &Tensor, k: &Tensor) -> bool {
-    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let chosen = *CHOICE
-        .get_or_init(|| std::env::var("FERROTUNE_TRAIN_ATTENTION").is_ok_and(|v| v == "flash"));
-    chosen
+    flash_chosen()
         && q.dim(2).ok() == k.dim(2).ok()
         && (q.device().is_cpu() || ferrotune_kernels::enabled())
         && ferrotune_kernels::flash_attention::supports(q)
+}
+
+/// Whether `FERROTUNE_TRAIN_ATTENTION=flash` is set (read once).
+pub fn flash_chosen() -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| std::env::var("FERROTUNE_TRAIN_ATTENTION").is_ok_and(|v| v == "flash"))
 }
 
 #[cfg(test)]

@@ -94,6 +94,10 @@ pub struct FusedOps {
     /// through candle's graph (`ferrotune_model::decoder_backward`: the CPU in f32, and CUDA
     /// with the fused kernels).
     pub layer_backward: bool,
+    /// Attention is flash attention (`FERROTUNE_TRAIN_ATTENTION=flash`: bf16/f16 on CUDA, and
+    /// the CPU's reference): nothing score-sized at all, each row's log-sum-exp kept instead of
+    /// the probabilities, the output written once in `o_proj`'s layout.
+    pub flash_attention: bool,
 }
 
 impl FusedOps {
@@ -113,16 +117,20 @@ impl FusedOps {
             attention: on,
             lora: on || !gpu,
             layer_backward: on && ferrotune_model::hand_written_backward(),
+            flash_attention: ferrotune_model::attention::flash_chosen()
+                && (!gpu || (on && dtype_bytes == 2)),
         }
     }
 
-    /// Every op fused (what a current binary runs on CUDA with its kernels on).
+    /// Every op fused (what a current binary runs on CUDA with its kernels on; flash attention
+    /// is opt-in).
     pub const ALL: FusedOps = FusedOps {
         kernels: true,
         head: true,
         attention: true,
         lora: true,
         layer_backward: true,
+        flash_attention: false,
     };
 }
 
@@ -284,6 +292,8 @@ struct Dims {
     /// The fused attention keeps its probabilities for the backward (CUDA) instead of
     /// recomputing them (the CPU).
     attention_keeps_probs: bool,
+    /// Flash attention (see [`FusedOps::flash_attention`]).
+    flash: bool,
     fused_lora: bool,
     /// The recompute's layer backward is hand-written (see [`FusedOps::layer_backward`]).
     hand_backward: bool,
@@ -324,7 +334,8 @@ impl Dims {
             fused: p.ops.kernels,
             fused_head: p.ops.head,
             fused_attention: p.ops.attention,
-            attention_keeps_probs: p.ops.attention && p.gpu,
+            attention_keeps_probs: p.ops.attention && p.gpu && !p.ops.flash_attention,
+            flash: p.ops.flash_attention,
             fused_lora: p.ops.lora,
             hand_backward: p.ops.layer_backward && p.recompute,
             gpu: p.gpu,
@@ -457,7 +468,10 @@ impl Dims {
         // both in the dtype; composed, `q·kᵀ` in the dtype, its f32 copy, `·scale`, `+bias`,
         // `-max`, `exp`, `/sum` (f32), probabilities back in the dtype; max and sum are one
         // value per head.
-        bytes += if self.attention_keeps_probs {
+        bytes += if self.flash {
+            // The log-sum-exp, f32, one per head.
+            self.heads * F32
+        } else if self.attention_keeps_probs {
             self.heads * self.t * d
         } else if self.fused_attention {
             0
@@ -466,8 +480,9 @@ impl Dims {
         } else {
             self.heads * self.t * (d + 5 * F32 + self.conv * (F32 + d)) + 2 * self.heads * F32
         };
-        // `probs·v`, and its transpose reshaped into a copy for o_proj.
-        bytes += 2 * a * d;
+        // `probs·v`, and its transpose reshaped into a copy for o_proj; flash attention writes
+        // o_proj's layout directly.
+        bytes += if self.flash { a * d } else { 2 * a * d };
         bytes += self.linear_kept(&o);
         // The residual sum after attention.
         bytes += h * d;
@@ -515,7 +530,13 @@ impl Dims {
             + 3 * i * d
             + mask(&down)
             + down_forming;
-        let attention = to_the_end + h * d + 2 * a * d;
+        let attention = if self.flash {
+            // Flash attention's backward: the output and its gradient, dq's f32 accumulator and
+            // dq, dk, dv (nothing score-sized).
+            to_the_end + h * d + 2 * a * d + a * F32 + 3 * a * d
+        } else {
+            to_the_end + h * d + 2 * a * d
+        };
         (mlp, attention)
     }
 
@@ -621,7 +642,12 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
         // peaks; the attention peak's three score-sized buffers are `softmax_backward` below, so
         // the MLP peak's one is counted here as what it lacks against them.
         let (mlp, attention) = dims.hand_backward_peaks(lora);
-        l * n * h * d + n * h * d + (n * mlp).saturating_sub(2 * scores * d).max(n * attention)
+        let mlp = if dims.flash {
+            n * mlp
+        } else {
+            (n * mlp).saturating_sub(2 * scores * d)
+        };
+        l * n * h * d + n * h * d + mlp.max(n * attention)
     } else {
         l * n * h * d + n * h * d + n * (h * d + kept + leak_before + 2 * h * d) + casts
     };
@@ -637,7 +663,15 @@ pub fn estimate(input: &PlanInput) -> MemoryPlan {
     // The fused attention's backward holds the recomputed probabilities, their gradient and the
     // scores' gradient, f32 (the CPU); on CUDA the gradients of the kept probabilities and of
     // the scores, in the dtype.
-    let softmax_backward = if dims.hand_backward {
+    let softmax_backward = if dims.flash {
+        // Flash attention's backward holds dq's f32 accumulator and dq, dk, dv besides what the
+        // peaks above count (the graph path; the hand-written one counts them there).
+        if dims.hand_backward {
+            0
+        } else {
+            n * dims.attn * (F32 + 3 * d)
+        }
+    } else if dims.hand_backward {
         3 * scores * d
     } else if dims.attention_keeps_probs {
         2 * scores * d
@@ -1122,6 +1156,36 @@ mod tests {
             v.needed_bytes,
             estimate(&input(1, 4096, 2, true)).total + CUDA_CONTEXT_BYTES + CUDA_STEP_SLACK_BYTES
         );
+    }
+
+    /// Phi-3-mini, bf16, recompute, on CUDA: flash attention holds nothing score-sized, where
+    /// the kept probabilities cost at least one `[b, heads, t, t]` buffer more at the layer
+    /// phase's peak (the probabilities through the MLP's backward, then three at the softmax
+    /// backward).
+    #[test]
+    fn flash_attention_plans_at_least_a_score_buffer_less() {
+        for t in [2048usize, 4096] {
+            let plan = |flash_attention| {
+                with_device_overhead(&estimate(&PlanInput {
+                    ops: FusedOps {
+                        flash_attention,
+                        ..FusedOps::ALL
+                    },
+                    ..input(1, t, 2, true)
+                }))
+            };
+            let (probs, flash) = (plan(false), plan(true));
+            let scores = (32 * t * t * 2) as u64;
+            eprintln!(
+                "1 × {t}: kept probabilities {:.2} GiB, flash {:.2} GiB",
+                probs.total as f64 / GIB as f64,
+                flash.total as f64 / GIB as f64
+            );
+            assert!(
+                flash.total + scores <= probs.total,
+                "{t}: {flash:?} vs {probs:?}"
+            );
+        }
     }
 
     /// Phi-3-mini, 1 × 2048, bf16, recompute, on CUDA: the hand-written layer backward keeps no

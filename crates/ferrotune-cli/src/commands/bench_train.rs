@@ -117,6 +117,7 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
                 "shape": cfg_json, "batch": b, "seq": t, "lora_r": args.r, "lora_dropout": args.lora_dropout, "recompute": args.recompute,
                 "device": args.device, "dtype": format!("{dtype:?}").to_lowercase(),
                 "flops_per_token": flops_per_token, "peak_tflops": args.peak_tflops,
+                "flash_attention": ferrotune_model::attention::flash_chosen(),
                 "ferrotune": {"tokens_per_second": ours_tps, "seconds_per_step": per_step, "peak_rss_bytes": ours_rss,
                     "peak_device_bytes": memory.map(|m| m.peak), "device_bytes_at_start": memory.map(|m| m.at_start),
                     "mfu": mfu(ours_tps)},
@@ -130,10 +131,11 @@ pub fn run(args: &BenchTrainArgs, json_out: bool) -> Result<(), Failure> {
         return Ok(());
     }
     println!(
-        "shape      Phi-3 {} layers, hidden {}, intermediate {}, heads {}/{}, vocab {}; batch {b} x {t} tokens, LoRA r={} on all linears{}{}",
+        "shape      Phi-3 {} layers, hidden {}, intermediate {}, heads {}/{}, vocab {}; batch {b} x {t} tokens, LoRA r={} on all linears{}{}{}",
         shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.vocab, args.r,
         if args.lora_dropout > 0.0 { format!(", dropout {}", args.lora_dropout) } else { String::new() },
-        if args.recompute { ", recompute" } else { "" }
+        if args.recompute { ", recompute" } else { "" },
+        if ferrotune_model::attention::flash_chosen() { ", flash attention" } else { "" }
     );
     let device_mem = |peak: Option<u64>| {
         peak.map_or(String::new(), |p| {
