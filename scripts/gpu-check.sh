@@ -175,6 +175,13 @@ echo "$compare" | tee -a "$log"
 record kernels_on_off_loss_curves "$(echo "$compare" | grep -q '"within_bf16_tolerance": true'; echo $?)" 0 "$compare"
 rm -rf "$scratch"
 
+# Training attention alone on Phi-3-mini's heads (32 x 96), flash against the kept probabilities:
+# forward and backward milliseconds, TFLOP/s, kept bytes and how far the two results are apart.
+for seq in 2048 4096; do
+  run "bench_attention_phi3_mini_seq$seq" 120 "$ft" --json bench attention --device cuda --dtype bf16 \
+    --heads 32 --head-dim 96 --seq $seq --iters 10 --warmup 3
+done
+
 # 4. Training throughput on Phi-3-mini-4k's exact shape, ferrotune and transformers + PEFT, same call.
 mini=(--shape phi3-mini)
 if [ "$quick" = 1 ]; then mini=(--layers 4 --hidden 3072 --intermediate 8192 --heads 32 --kv-heads 32 --vocab 32064); fi

@@ -418,6 +418,37 @@ pub enum BenchCommand {
     Decode(BenchDecodeArgs),
     /// Chat load on `ferrotune serve` (1, 8, 32 streams) against transformers served the simple way.
     Serve(BenchServeArgs),
+    /// Training attention alone, forward and backward: flash attention against the kept
+    /// probabilities (what training runs without it), on one shape, in one run.
+    Attention(BenchAttentionArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchAttentionArgs {
+    /// cpu, cuda or cuda:N (on the CPU flash attention is its f32 reference: a correctness
+    /// oracle, not a fast path; use small shapes there).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Attention heads (Phi-3-mini: 32).
+    #[arg(long, default_value_t = 32)]
+    pub heads: usize,
+    /// Sequence length.
+    #[arg(long, default_value_t = 2048)]
+    pub seq: usize,
+    /// Head dimension (Phi-3-mini: 96).
+    #[arg(long, default_value_t = 96)]
+    pub head_dim: usize,
+    /// Timed forward+backward passes of each.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Untimed passes first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
 }
 
 #[derive(Args, Debug)]

@@ -52,6 +52,7 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Train(args)) => commands::bench_train::run(args, json),
         Command::Bench(BenchCommand::Serve(args)) => commands::bench_serve::run(args, json),
         Command::Bench(BenchCommand::Decode(args)) => commands::bench_decode::run(args, json),
+        Command::Bench(BenchCommand::Attention(args)) => commands::bench_attention::run(args, json),
         Command::Train(args) => commands::train::run(args, json),
         Command::Eval(args) => commands::eval::run(args, json),
         Command::Generate(args) => commands::generate::run(args, json),

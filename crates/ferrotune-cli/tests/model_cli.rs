@@ -225,6 +225,54 @@ fn bench_decode_reports_each_batch_size() {
     assert!(random["reference"].is_null());
 }
 
+/// `bench attention` on the CPU: both variants run, agree (flash's reference against the kept
+/// probabilities, f32), and flash keeps one number per row instead of the probabilities; a
+/// dtype flash attention cannot take on the CPU's kept-probabilities path is a usage error.
+#[test]
+fn bench_attention_compares_flash_with_the_kept_probabilities() {
+    let v = json_stdout(ferrotune().args([
+        "--json",
+        "bench",
+        "attention",
+        "--heads",
+        "2",
+        "--seq",
+        "70",
+        "--head-dim",
+        "16",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+    ]));
+    for field in ["out", "dq", "dk", "dv"] {
+        let d = v["relative_difference"][field].as_f64().unwrap();
+        assert!(d < 1e-5, "{field}: {d}");
+    }
+    assert_eq!(v["probabilities"]["kept_bytes"], 2 * 70 * 70 * 4);
+    assert_eq!(v["flash"]["kept_bytes"], 2 * 70 * 4);
+    let out = ferrotune()
+        .args([
+            "bench",
+            "attention",
+            "--seq",
+            "8",
+            "--dtype",
+            "bf16",
+            "--iters",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kept-probabilities path"));
+}
+
 /// `bench train` on a random shape with LoRA dropout: it runs both the plain and the recompute
 /// step, reports what it ran, and refuses a dropout outside [0, 1) as a usage error.
 #[test]

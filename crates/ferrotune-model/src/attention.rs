@@ -19,6 +19,10 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+pub use ferrotune_kernels::flash_attention::{
+    supports as flash_supported, MAX_HEAD_DIM as FLASH_MAX_HEAD_DIM,
+};
+
 use crate::handover::Handover;
 use crate::layer_ops::LayerOps;
 use crate::softmax::{attention_probs, scaled_masked_softmax};
@@ -229,6 +233,85 @@ impl CustomOp3 for FlashBackward {
         )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
+}
+
+/// What training attention's backward reads besides q, k, v and the output.
+pub enum KeptAttention {
+    /// The probabilities `[b, heads, t, t]`.
+    Probs(Tensor),
+    /// Each row's log-sum-exp `[b, heads, t]` (flash attention).
+    Lse(Tensor),
+}
+
+/// Training attention as recompute's hand-written layer backward runs it, for `q`, `k`, `v`
+/// `[b, heads, t, d]`: the output in `o_proj`'s layout `[b, t, heads, d]` and what the backward
+/// reads, with the probabilities kept (the scores GEMM, the `ops` family's softmax, the output
+/// GEMM) or, with `flash`, through flash attention.
+pub(crate) fn kept_forward(
+    ops: LayerOps,
+    flash: bool,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    bias: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, KeptAttention)> {
+    if flash {
+        let (out, lse) = ferrotune_kernels::flash_attention(q, k, v, bias, scale)?;
+        return Ok((out, KeptAttention::Lse(lse)));
+    }
+    let probs = ops.softmax(&q.matmul(&k.t()?)?, bias, scale)?;
+    let out = probs.matmul(v)?.transpose(1, 2)?.contiguous()?;
+    Ok((out, KeptAttention::Probs(probs)))
+}
+
+/// `dq`, `dk`, `dv` of [`kept_forward`] given its output `out` and the output's gradient `g`
+/// (both `[b, t, heads, d]`).
+pub(crate) fn kept_backward(
+    ops: LayerOps,
+    kept: KeptAttention,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    bias: &Tensor,
+    (out, g): (&Tensor, &Tensor),
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    match kept {
+        KeptAttention::Lse(lse) => {
+            ferrotune_kernels::flash_attention_grad(q, k, v, bias, out, &lse, g, scale)
+        }
+        KeptAttention::Probs(probs) => {
+            let g = g.transpose(1, 2)?.contiguous()?;
+            attention_grads(q, k, v, &probs, &g, |p, dp| ops.softmax_grad(p, dp, scale))
+        }
+    }
+}
+
+/// Training attention's forward as recompute's layer backward runs it (see [`kept_forward`]),
+/// for `ferrotune bench attention`; `None` where that backward does not run (dtypes other than
+/// f32 on the CPU, `FERROTUNE_KERNELS=0` on CUDA).
+pub fn training_forward(
+    flash: bool,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Option<(Tensor, KeptAttention)>> {
+    match LayerOps::for_tensor(q) {
+        Some(ops) => kept_forward(ops, flash, (q, k, v), bias, scale).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The backward of [`training_forward`]: `dq`, `dk`, `dv` for the output's gradient `g`.
+pub fn training_backward(
+    kept: KeptAttention,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    bias: &Tensor,
+    (out, g): (&Tensor, &Tensor),
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let ops = LayerOps::for_tensor(q)
+        .ok_or_else(|| candle_core::Error::Msg("no fused attention ops for this tensor".into()))?;
+    kept_backward(ops, kept, (q, k, v), bias, (out, g), scale)
 }
 
 /// `dq`, `dk`, `dv` of `probs · v`, `probs = softmax(scale · q·kᵀ + bias)`, given `g`, the

@@ -10,7 +10,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::attention::attention_grads;
+use crate::attention::{kept_backward, kept_forward, KeptAttention};
 use crate::config::Phi3Config;
 use crate::layer_ops::LayerOps;
 use crate::phi3::{repeat_kv, DecoderLayer};
@@ -38,7 +38,7 @@ struct Activations {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    attention: AttentionKept,
+    attention: KeptAttention,
     /// The attention output `[b, t, heads·d]` (`o_proj`'s input).
     attn: Tensor,
     o_mask: Option<Tensor>,
@@ -49,14 +49,6 @@ struct Activations {
     gate_up_mask: Option<Tensor>,
     /// SwiGLU's output (`down_proj`'s input).
     act: Tensor,
-}
-
-/// What attention's backward reads besides q, k, v and the output.
-enum AttentionKept {
-    /// The probabilities `[b, heads, t, t]` (composed attention).
-    Probs(Tensor),
-    /// Each row's log-sum-exp `[b, heads, t]` (flash attention).
-    Lse(Tensor),
 }
 
 impl DecoderLayer {
@@ -98,17 +90,9 @@ impl DecoderLayer {
         drop(qkv);
         let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
         let scale = attention_scale(cfg);
-        let (attn, attention) = if crate::attention::flash_applies(&q, &k) {
-            let (out, lse) = ferrotune_kernels::flash_attention(&q, &k, &v, at.bias, scale)?;
-            (out.reshape((b, t, nh * hd))?, AttentionKept::Lse(lse))
-        } else {
-            let probs = ops.softmax(&q.matmul(&k.t()?)?, at.bias, scale)?;
-            let attn = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, nh * hd))?;
-            (attn, AttentionKept::Probs(probs))
-        };
+        let flash = crate::attention::flash_applies(&q, &k);
+        let (out, attention) = kept_forward(ops, flash, (&q, &k, &v), at.bias, scale)?;
+        let attn = out.reshape((b, t, nh * hd))?;
         let (o, o_mask) = self.o_proj.forward_for_grads(&attn)?;
         let (x1, h2) = ops.add_rms_norm(x, &o, &self.post_attention_layernorm, eps)?;
         drop(o);
@@ -178,34 +162,16 @@ impl DecoderLayer {
         drop((x1, dh2));
         let (dattn, o_pair) = self.o_proj.grads(&attn, o_mask.as_ref(), &dx1)?;
         drop(o_mask);
-        let (dq, dk, dv) = match attention {
-            AttentionKept::Lse(lse) => {
-                let shape = (b, t, nh, hd);
-                let grads = ferrotune_kernels::flash_attention_grad(
-                    &q,
-                    &k,
-                    &v,
-                    at.bias,
-                    &attn.reshape(shape)?,
-                    &lse,
-                    &dattn.reshape(shape)?,
-                    scale,
-                )?;
-                drop(attn);
-                grads
-            }
-            AttentionKept::Probs(probs) => {
-                drop(attn);
-                let dout = dattn
-                    .reshape((b, t, nh, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                attention_grads(&q, &k, &v, &probs, &dout, |p, dp| {
-                    ops.softmax_grad(p, dp, scale)
-                })?
-            }
-        };
-        drop((q, k, v, dattn));
+        let shape = (b, t, nh, hd);
+        let (dq, dk, dv) = kept_backward(
+            ops,
+            attention,
+            (&q, &k, &v),
+            at.bias,
+            (&attn.reshape(shape)?, &dattn.reshape(shape)?),
+            scale,
+        )?;
+        drop((q, k, v, attn, dattn));
         let dqkv = ops.rope_qkv_adjoint(
             &dq,
             &sum_groups(&dk, groups)?,

@@ -33,6 +33,11 @@ impl LayerOps {
         if !hand_written_backward() || norms.iter().any(|w| w.dtype() != x.dtype()) {
             return None;
         }
+        LayerOps::for_tensor(x)
+    }
+
+    /// The family for ops on `x` by device and dtype alone.
+    pub(crate) fn for_tensor(x: &Tensor) -> Option<LayerOps> {
         match x.device() {
             Device::Cpu if x.dtype() == DType::F32 => Some(LayerOps::CpuF32),
             Device::Cuda(_) if ferrotune_kernels::enabled() => Some(LayerOps::Kernels),

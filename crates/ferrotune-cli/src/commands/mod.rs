@@ -1,5 +1,6 @@
 pub mod azure;
 pub mod azure_job;
+pub mod bench_attention;
 pub mod bench_data;
 pub mod bench_decode;
 pub mod bench_serve;
