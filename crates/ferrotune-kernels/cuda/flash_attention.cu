@@ -9,6 +9,10 @@
 // on either side); bias [b or 1, 1, t, t] f32; lse and delta [b, h, t] f32; dq_acc [b, h, t, d] f32
 // (zeroed by the caller, summed into with atomics); dk, dv [b, h, t, d].
 // Head dims up to D (a template: 32, 64, 96, 128); columns d..D are zero padding.
+// kinds [b or 1, blocks, blocks] (flash_attention_tile_kinds, 64 x 64 tiles of the bias): a tile
+// whose causally visible entries are all masked is skipped outright (sliding windows, other
+// documents of a packed row), one whose allowed entries all have bias 0 is computed without
+// reading the bias (plain causal rows), only the rest reads it.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16/.f16): with g = lane / 4 and c = lane % 4,
 //   A (16x16, row): reg 0 = (g, 2c..2c+1), 1 = (g+8, 2c..), 2 = (g, 2c+8..), 3 = (g+8, 2c+8..);
@@ -27,6 +31,9 @@
 #define BK 64   // keys per forward tile, and per backward block (16 per warp)
 #define BQB 32  // backward: queries per tile
 #define WARPS 4
+#define TILE_SKIP 0
+#define TILE_PLAIN 1
+#define TILE_BIAS 2
 
 // The 16 bits of a bf16 or f16 (the intrinsics for it are sm_80+ only in CUDA 11's bf16 header).
 template <typename T> __device__ __forceinline__ uint16_t bits_of(T x) { return *reinterpret_cast<const uint16_t*>(&x); }
@@ -119,17 +126,49 @@ __device__ __forceinline__ void b_along_rows(uint32_t b[2], const uint16_t* s, i
     b[1] = *reinterpret_cast<const uint32_t*>(p + 8);
 }
 
-// Whether query i may attend key j (i, j < t), and the bias added to its score.
-__device__ __forceinline__ bool allowed(const float* bias_bt, int t, int i, int j, float& bias) {
+// Whether query i may attend key j (i, j < t), and the bias added to its score; in a TILE_PLAIN
+// tile every causally visible entry is allowed with bias 0.
+__device__ __forceinline__ bool allowed(const float* bias_bt, int kind, int t, int i, int j, float& bias) {
     if (j > i || i >= t || j >= t) return false;
+    if (kind == TILE_PLAIN) {
+        bias = 0.0f;
+        return true;
+    }
     bias = bias_bt[(int64_t)i * t + j];
     return bias > MASKED;
 }
 
+// kinds[row][qb][kb] for the 64 x 64 tile (qb, kb) of bias row `row` (see the top of the file).
+// One block per tile.
+__device__ void tile_kinds(const float* __restrict__ bias, uint8_t* __restrict__ kinds, int t) {
+    __shared__ int any_allowed, any_biased;
+    const int kb = blockIdx.x, qb = blockIdx.y, blocks = gridDim.x;
+    const int64_t row = blockIdx.z;
+    if (threadIdx.x == 0) any_allowed = any_biased = 0;
+    __syncthreads();
+    int allowed_here = 0, biased_here = 0;
+    for (int e = threadIdx.x; e < BQ * BK; e += blockDim.x) {
+        const int i = qb * BQ + e / BK, j = kb * BK + e % BK;
+        if (i < t && j <= i) {
+            const float v = bias[(row * t + i) * (int64_t)t + j];
+            if (v > MASKED) {
+                allowed_here = 1;
+                if (v != 0.0f) biased_here = 1;
+            }
+        }
+    }
+    if (allowed_here) atomicOr(&any_allowed, 1);
+    if (biased_here) atomicOr(&any_biased, 1);
+    __syncthreads();
+    if (threadIdx.x == 0)
+        kinds[(row * blocks + qb) * blocks + kb] = !any_allowed ? TILE_SKIP : any_biased ? TILE_BIAS : TILE_PLAIN;
+}
+
 template <typename T, int D>
 __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
-                          const uint16_t* __restrict__ v, const float* __restrict__ bias, T* __restrict__ out,
-                          float* __restrict__ lse, int heads, int t, int d, int bias_batched, float scale) {
+                          const uint16_t* __restrict__ v, const float* __restrict__ bias,
+                          const uint8_t* __restrict__ kinds, T* __restrict__ out, float* __restrict__ lse,
+                          int heads, int t, int d, int bias_batched, float scale) {
 #if __CUDA_ARCH__ >= 800
     constexpr int P = D + 8;
     __shared__ __align__(16) uint16_t ks[BK * P];
@@ -139,6 +178,7 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
     const int64_t head = bh * (int64_t)t * d;
     const float* bias_bt = bias + (bias_batched ? b : 0) * (int64_t)t * t;
+    const uint8_t* tile_kind = kinds + ((bias_batched ? b : 0) * gridDim.x + qb) * gridDim.x;
     const int q0 = qb * BQ + warp * 16, r0 = q0 + g, r1 = r0 + 8;
 
     uint32_t qa[D / 16][4];
@@ -151,6 +191,8 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
 
     const int keys = min(t, (qb + 1) * BQ);
     for (int k0 = 0; k0 < keys; k0 += BK) {
+        const int kind = tile_kind[k0 / BK];
+        if (kind == TILE_SKIP) continue;  // block-uniform: every thread skips the same tiles
         __syncthreads();
         load_tile<D, P>(ks, BK, k + head, t, d, k0, d);
         load_tile<D, P>(vs, BK, v + head, t, d, k0, d);
@@ -175,7 +217,7 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
             for (int e = 0; e < 4; ++e) {
                 const int row = e < 2 ? r0 : r1, key = k0 + j * 8 + 2 * c + (e & 1);
                 float bv, x = -INFINITY;
-                if (allowed(bias_bt, t, row, key, bv)) x = s[j][e] * scale + bv;
+                if (allowed(bias_bt, kind, t, row, key, bv)) x = s[j][e] * scale + bv;
                 s[j][e] = x;
                 if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
             }
@@ -269,7 +311,8 @@ __device__ void flash_bwd_delta(const T* __restrict__ out, const T* __restrict__
 template <typename T, int D>
 __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
                           const uint16_t* __restrict__ v, const float* __restrict__ bias,
-                          const uint16_t* __restrict__ dout, const float* __restrict__ lse,
+                          const uint8_t* __restrict__ kinds, const uint16_t* __restrict__ dout,
+                          const float* __restrict__ lse,
                           const float* __restrict__ delta, float* __restrict__ dq_acc, T* __restrict__ dk,
                           T* __restrict__ dv, int heads, int t, int d, int bias_batched, float scale) {
 #if __CUDA_ARCH__ >= 800
@@ -284,6 +327,7 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
     const int64_t head = bh * (int64_t)t * d;
     const float* bias_bt = bias + (bias_batched ? b : 0) * (int64_t)t * t;
+    const uint8_t* kinds_b = kinds + (bias_batched ? b : 0) * (int64_t)gridDim.x * gridDim.x;
     const int kw = k0 + warp * 16, kr0 = kw + g, kr1 = kr0 + 8;
     // dout rows of this head: [b, t, heads, d], a row stride of heads * d.
     const uint16_t* dout_bh = dout + (b * t * heads + h) * (int64_t)d;
@@ -300,6 +344,8 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     }
 
     for (int qt0 = k0; qt0 < t; qt0 += BQB) {
+        const int kind = kinds_b[(qt0 / BQ) * gridDim.x + blockIdx.x];
+        if (kind == TILE_SKIP) continue;  // block-uniform
         __syncthreads();
         load_tile<D, P>(qs, BQB, q + head, t, d, qt0, d);
         load_tile<D, P>(dos, BQB, dout_bh, t, d, qt0, (int64_t)heads * d);
@@ -325,7 +371,7 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
             for (int e = 0; e < 4; ++e) {
                 const int key = e < 2 ? kr0 : kr1, qi = j * 8 + 2 * c + (e & 1);
                 float bv, p = 0.0f;
-                if (allowed(bias_bt, t, qt0 + qi, key, bv)) p = expf(pt[j][e] * scale + bv - lse_s[qi]);
+                if (allowed(bias_bt, kind, t, qt0 + qi, key, bv)) p = expf(pt[j][e] * scale + bv - lse_s[qi]);
                 pt[j][e] = p;
             }
         }
@@ -422,18 +468,21 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
 
 #define INSTANTIATE_D(T, NAME, D)                                                                               \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                   \
-        flash_attention_fwd_d##D##_##NAME(const T* q, const T* k, const T* v, const float* bias, T* out,       \
-                                          float* lse, int heads, int t, int d, int bias_batched, float scale) { \
+        flash_attention_fwd_d##D##_##NAME(const T* q, const T* k, const T* v, const float* bias,               \
+                                          const uint8_t* kinds, T* out, float* lse, int heads, int t, int d,     \
+                                          int bias_batched, float scale) {                                       \
         flash_fwd<T, D>(reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(k),            \
-                        reinterpret_cast<const uint16_t*>(v), bias, out, lse, heads, t, d, bias_batched, scale); \
+                        reinterpret_cast<const uint16_t*>(v), bias, kinds, out, lse, heads, t, d, bias_batched, \
+                        scale);                                                                                \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) flash_attention_bwd_d##D##_##NAME(                 \
-        const T* q, const T* k, const T* v, const float* bias, const T* dout, const float* lse,                \
-        const float* delta, float* dq_acc, T* dk, T* dv, int heads, int t, int d, int bias_batched,            \
-        float scale) {                                                                                         \
+        const T* q, const T* k, const T* v, const float* bias, const uint8_t* kinds, const T* dout,            \
+        const float* lse, const float* delta, float* dq_acc, T* dk, T* dv, int heads, int t, int d,            \
+        int bias_batched, float scale) {                                                                       \
         flash_bwd<T, D>(reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(k),            \
-                        reinterpret_cast<const uint16_t*>(v), bias, reinterpret_cast<const uint16_t*>(dout),   \
-                        lse, delta, dq_acc, dk, dv, heads, t, d, bias_batched, scale);                         \
+                        reinterpret_cast<const uint16_t*>(v), bias, kinds,                                     \
+                        reinterpret_cast<const uint16_t*>(dout), lse, delta, dq_acc, dk, dv, heads, t, d,      \
+                        bias_batched, scale);                                                                  \
     }
 
 #define INSTANTIATE(T, NAME)                                                                           \
@@ -448,3 +497,7 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
 
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)
+
+extern "C" __global__ void flash_attention_tile_kinds(const float* bias, uint8_t* kinds, int t) {
+    tile_kinds(bias, kinds, t);
+}

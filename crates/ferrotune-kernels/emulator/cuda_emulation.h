@@ -95,6 +95,13 @@ inline float atomicAdd(float* p, float v) {
     return old;
 }
 
+inline int atomicOr(int* p, int v) {
+    std::lock_guard<std::mutex> guard(emu::atomics);
+    const int old = *p;
+    *p = old | v;
+    return old;
+}
+
 inline int min(int a, int b) { return a < b ? a : b; }
 
 // The two 16-bit halves of a register as floats (low half first), for storage type T.

@@ -11,12 +11,15 @@
 struct Case {
     int b, h, t, d;
     bool left_pad;
+    // Causal only, bias 0 where allowed (every tile TILE_PLAIN); otherwise a sliding window, a
+    // document boundary and small nonzero biases.
+    bool plain = false;
 };
 
 template <typename T> struct Kernels {
-    void (*fwd)(const T*, const T*, const T*, const float*, T*, float*, int, int, int, int, float);
-    void (*bwd)(const T*, const T*, const T*, const float*, const T*, const float*, const float*, float*, T*, T*,
-                int, int, int, int, float);
+    void (*fwd)(const T*, const T*, const T*, const float*, const uint8_t*, T*, float*, int, int, int, int, float);
+    void (*bwd)(const T*, const T*, const T*, const float*, const uint8_t*, const T*, const float*, const float*,
+                float*, T*, T*, int, int, int, int, float);
     void (*delta)(const T*, const T*, float*, int, int, int, int64_t);
 };
 
@@ -25,11 +28,12 @@ static std::vector<float> bias_for(const Case& c) {
     for (int row = 0; row < c.b; ++row)
         for (int i = 0; i < c.t; ++i)
             for (int j = 0; j < c.t; ++j) {
-                const bool window = row != 0 || i - j < 50;
-                const bool same_doc = row == 0 || (i < 37) == (j < 37);
+                const bool window = c.plain || row != 0 || i - j < 50;
+                const bool same_doc = c.plain || row == 0 || (i < 37) == (j < 37);
                 const bool padded = c.left_pad && row == 1 && j < 3;
                 const bool ok = j <= i && window && same_doc && !padded;
-                bias[((size_t)row * c.t + i) * c.t + j] = ok ? 0.01f * ((i + 2 * j) % 7) : -FLT_MAX;
+                const float value = c.plain ? 0.0f : 0.01f * ((i + 2 * j) % 7);
+                bias[((size_t)row * c.t + i) * c.t + j] = ok ? value : -FLT_MAX;
             }
     return bias;
 }
@@ -61,15 +65,22 @@ template <typename T> static bool run_case(const Case& c, const Kernels<T>& k, d
     std::vector<float> lse((size_t)b * h * t), delta((size_t)b * h * t), dq(n, 0.0f);
 
     const int blocks = (t + 63) / 64;
+    std::vector<uint8_t> kinds((size_t)b * blocks * blocks, 255);
+    emu::launch({(unsigned)blocks, (unsigned)blocks, (unsigned)b}, {256, 1, 1},
+                [&] { flash_attention_tile_kinds(bias.data(), kinds.data(), t); });
+    int counts[3] = {0, 0, 0};
+    for (int bi = 0; bi < b; ++bi)
+        for (int qb = 0; qb < blocks; ++qb)
+            for (int kb = 0; kb <= qb; ++kb) counts[kinds[((size_t)bi * blocks + qb) * blocks + kb]]++;
     emu::launch({(unsigned)blocks, (unsigned)(b * h), 1}, {128, 1, 1}, [&] {
-        k.fwd(q.data(), kk.data(), v.data(), bias.data(), out.data(), lse.data(), h, t, d, 1, scale);
+        k.fwd(q.data(), kk.data(), v.data(), bias.data(), kinds.data(), out.data(), lse.data(), h, t, d, 1, scale);
     });
     const int64_t rows = (int64_t)b * t * h;
     emu::launch({(unsigned)((rows + 7) / 8), 1, 1}, {256, 1, 1},
                 [&] { k.delta(out.data(), dout.data(), delta.data(), h, t, d, rows); });
     emu::launch({(unsigned)blocks, (unsigned)(b * h), 1}, {128, 1, 1}, [&] {
-        k.bwd(q.data(), kk.data(), v.data(), bias.data(), dout.data(), lse.data(), delta.data(), dq.data(),
-              dk.data(), dv.data(), h, t, d, 1, scale);
+        k.bwd(q.data(), kk.data(), v.data(), bias.data(), kinds.data(), dout.data(), lse.data(), delta.data(),
+              dq.data(), dk.data(), dv.data(), h, t, d, 1, scale);
     });
 
     // The float64 reference on the same (rounded) inputs.
@@ -138,9 +149,10 @@ template <typename T> static bool run_case(const Case& c, const Kernels<T>& k, d
                  e_dv = rel_l2<T>(r_dv, as_float(dv));
     const bool ok = lse_ok && e_out <= out_tol && lse_err <= 1e-3 && e_dq <= grad_tol && e_dk <= grad_tol &&
                     e_dv <= grad_tol;
-    std::printf("flash_attention [%d,%d,%d,%d]%s %s: out %.2e, lse %.2e%s, dq %.2e, dk %.2e, dv %.2e  %s\n", b, h, t, d,
-                c.left_pad ? " left-padded" : "", dtype, e_out, lse_err, lse_ok ? "" : " (masked rows wrong)", e_dq,
-                e_dk, e_dv, ok ? "ok" : "FAILED");
+    std::printf("flash_attention [%d,%d,%d,%d]%s%s %s (tiles skipped/plain/biased %d/%d/%d): out %.2e, lse %.2e%s, "
+                "dq %.2e, dk %.2e, dv %.2e  %s\n",
+                b, h, t, d, c.left_pad ? " left-padded" : "", c.plain ? " causal" : "", dtype, counts[0], counts[1],
+                counts[2], e_out, lse_err, lse_ok ? "" : " (masked rows wrong)", e_dq, e_dk, e_dv, ok ? "ok" : "FAILED");
     return ok;
 }
 
@@ -160,5 +172,7 @@ int main() {
     ok &= run_case<__nv_bfloat16>({1, 2, 33, 20, false}, KERNELS(bf16, 32), 1e-2, 2e-2, "bf16");
     ok &= run_case<__half>({2, 1, 100, 64, true}, KERNELS(f16, 64), 2e-3, 5e-3, "f16");
     ok &= run_case<__half>({1, 1, 1, 96, false}, KERNELS(f16, 96), 2e-3, 5e-3, "f16");
+    ok &= run_case<__nv_bfloat16>({2, 2, 150, 96, false, true}, KERNELS(bf16, 96), 1e-2, 2e-2, "bf16");
+    ok &= run_case<__nv_bfloat16>({2, 1, 200, 64, true}, KERNELS(bf16, 64), 1e-2, 2e-2, "bf16");
     return ok ? 0 : 1;
 }

@@ -4,7 +4,10 @@
 //!
 //! Composed, one layer at 2,048 tokens and 32 heads writes and reads a 256 MiB score matrix (bf16)
 //! several times per pass and computes the half of it above the diagonal only to mask it; here
-//! nothing score-sized exists, and tiles above the diagonal are skipped.
+//! nothing score-sized exists, and tiles above the diagonal are skipped. The bias is first
+//! classified per 64 × 64 tile (one small kernel per call): tiles it masks entirely (outside a
+//! sliding window, across packed documents) are skipped too, and tiles where it is 0 wherever
+//! causal attention is allowed are computed without reading it.
 //!
 //! Semantics, on every device: query `i` attends key `j` where `j ≤ i` and the bias at `(i, j)` is
 //! above [`MASKED`] (the model's bias holds 0 or `f32::MIN`); allowed scores are
@@ -327,6 +330,36 @@ mod cuda {
         f(&storages)
     }
 
+    /// The kernels' tile kinds for `bias` (`flash_attention_tile_kinds`: one byte per 64 × 64
+    /// tile of each bias row, skip / plain causal / read the bias), `[b or 1, blocks, blocks]`.
+    fn tile_kinds(bias: &Tensor, dims: Dims, dev: &CudaDevice) -> Result<Tensor> {
+        let (b, _, t, _) = dims.shape;
+        let blocks = t.div_ceil(BLOCK);
+        let rows = if dims.bias_batched { b } else { 1 };
+        let kinds = Tensor::zeros((rows, blocks, blocks), DType::U8, bias.device())?;
+        let func = dev
+            .get_or_load_custom_func("flash_attention_tile_kinds", MODULE.0, MODULE.1)?
+            .into_cuda_function();
+        let t32 = i32_of(t, "positions")?;
+        with_storages(&[bias, &kinds], |s| {
+            let bias = s[0].0.as_cuda_slice::<f32>()?.slice(s[0].1..);
+            let kinds = s[1].0.as_cuda_slice::<u8>()?.slice(s[1].1..);
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(&func);
+            l.arg(&bias).arg(&kinds).arg(&t32);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, blocks as u32, rows as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match flash_attention_tile_kinds; kinds was just allocated
+            // ([rows, blocks, blocks]) and nothing else holds it.
+            unsafe { l.launch(cfg) }.w()?;
+            Ok(())
+        })?;
+        Ok(kinds)
+    }
+
     fn grid(t: usize, bh: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (t.div_ceil(BLOCK) as u32, bh as u32, 1),
@@ -347,6 +380,7 @@ mod cuda {
         let out = Tensor::zeros((b, t, h, d), q.dtype(), q.device())?;
         let lse = Tensor::zeros((b, h, t), DType::F32, q.device())?;
         let dev = device(q)?;
+        let kinds = tile_kinds(bias, dims, &dev)?;
         let func = function(
             q.dtype(),
             &dev,
@@ -360,7 +394,7 @@ mod cuda {
             i32::from(dims.bias_batched),
         );
         i32_of(b * h * t * d, "attention elements")?;
-        with_storages(&[q, k, v, bias, &out, &lse], |s| {
+        with_storages(&[q, k, v, bias, &out, &lse, &kinds], |s| {
             fn go<T: CudaDType + DeviceRepr>(
                 dev: &CudaDevice,
                 func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
@@ -374,9 +408,16 @@ mod cuda {
                 let f =
                     |i: usize| -> Result<_> { Ok(s[i].0.as_cuda_slice::<f32>()?.slice(s[i].1..)) };
                 let (q, k, v, bias, out, lse) = (x(0)?, x(1)?, x(2)?, f(3)?, x(4)?, f(5)?);
+                let kinds = s[6].0.as_cuda_slice::<u8>()?.slice(s[6].1..);
                 let stream = dev.cuda_stream();
                 let mut l = stream.launch_builder(func);
-                l.arg(&q).arg(&k).arg(&v).arg(&bias).arg(&out).arg(&lse);
+                l.arg(&q)
+                    .arg(&k)
+                    .arg(&v)
+                    .arg(&bias)
+                    .arg(&kinds)
+                    .arg(&out)
+                    .arg(&lse);
                 l.arg(&h).arg(&t).arg(&d).arg(&batched).arg(&scale);
                 // SAFETY: the arguments match flash_attention_fwd_d*_<T>; out and lse were just
                 // allocated for this call ([b, t, h, d] and [b, h, t]) and nothing else holds them.
@@ -410,6 +451,7 @@ mod cuda {
         let dk = Tensor::zeros((b, h, t, d), q.dtype(), q.device())?;
         let dv = Tensor::zeros((b, h, t, d), q.dtype(), q.device())?;
         let dev = device(q)?;
+        let kinds = tile_kinds(bias, dims, &dev)?;
         let delta_fn = function(q.dtype(), &dev, MODULE, "flash_attention_bwd_delta")?;
         let bwd_fn = function(
             q.dtype(),
@@ -425,7 +467,9 @@ mod cuda {
         );
         i32_of(b * h * t * d, "attention elements")?;
         let rows = (b * t * h) as i64;
-        let tensors = [q, k, v, bias, dout, lse, &delta, &dq_acc, &dk, &dv, out];
+        let tensors = [
+            q, k, v, bias, dout, lse, &delta, &dq_acc, &dk, &dv, out, &kinds,
+        ];
         with_storages(&tensors, |s| {
             #[allow(clippy::too_many_arguments)]
             fn go<T: CudaDType + DeviceRepr>(
@@ -446,6 +490,7 @@ mod cuda {
                     |i: usize| -> Result<_> { Ok(s[i].0.as_cuda_slice::<f32>()?.slice(s[i].1..)) };
                 let (q, k, v, bias, dout, lse) = (x(0)?, x(1)?, x(2)?, f(3)?, x(4)?, f(5)?);
                 let (delta, dq_acc, dk, dv, out) = (f(6)?, f(7)?, x(8)?, x(9)?, x(10)?);
+                let kinds = s[11].0.as_cuda_slice::<u8>()?.slice(s[11].1..);
                 let stream = dev.cuda_stream();
                 let mut l = stream.launch_builder(delta_fn);
                 l.arg(&out)
@@ -470,6 +515,7 @@ mod cuda {
                     .arg(&k)
                     .arg(&v)
                     .arg(&bias)
+                    .arg(&kinds)
                     .arg(&dout)
                     .arg(&lse)
                     .arg(&delta);
