@@ -102,6 +102,8 @@ inline int atomicOr(int* p, int v) {
     return old;
 }
 
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
 inline int min(int a, int b) { return a < b ? a : b; }
 
 // The two 16-bit halves of a register as floats (low half first), for storage type T.
