@@ -31,6 +31,8 @@
 #define BK 64   // keys per forward tile, and per backward block (16 per warp)
 #define BQB 32  // backward: queries per tile
 #define WARPS 4
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
 #define TILE_SKIP 0
 #define TILE_PLAIN 1
 #define TILE_BIAS 2
@@ -109,21 +111,48 @@ __device__ __forceinline__ void load_tile(uint16_t* s, int n, const uint16_t* m,
     }
 }
 
-// B fragment for (k = 16 rows from k0, n = 8 columns from n0) of a row-major shared [k][n] tile.
-__device__ __forceinline__ void b_down_columns(uint32_t b[2], const uint16_t* s, int pitch, int k0, int n0) {
-    const int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
-    const uint16_t* p = s + (k0 + 2 * c) * pitch + n0 + g;
-    b[0] = pair(p[0], p[pitch]);
-    b[1] = pair(p[8 * pitch], p[9 * pitch]);
+// ldmatrix.x4 (sm_75+): lane l gives the address of row l % 8 of 8x8 matrix l / 8 (16-byte rows);
+// register m of lane l receives row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1 of matrix m, or with
+// .trans column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1: one instruction for four fragment registers.
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const uint16_t* row) {
+#if defined(FERROTUNE_EMULATED_MMA)
+    emulated_ldmatrix_x4(r, row, false);
+#elif __CUDA_ARCH__ >= 800
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const uint16_t* row) {
+#if defined(FERROTUNE_EMULATED_MMA)
+    emulated_ldmatrix_x4(r, row, true);
+#elif __CUDA_ARCH__ >= 800
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
 }
 
-// B fragment for (k = 16 columns from k0, n = 8 rows from n0) of a row-major shared [n][k] tile:
-// the transpose's fragment, two consecutive elements of a row per register.
-__device__ __forceinline__ void b_along_rows(uint32_t b[2], const uint16_t* s, int pitch, int k0, int n0) {
-    const int g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
-    const uint16_t* p = s + (n0 + g) * pitch + k0 + 2 * c;
-    b[0] = *reinterpret_cast<const uint32_t*>(p);
-    b[1] = *reinterpret_cast<const uint32_t*>(p + 8);
+// B fragments of two k-steps (k0.. and k0+16..) for the 8 columns n0.. of B, from a row-major
+// shared [n][k] tile (B's transpose: the K tile for q.k^T): b[0..1] the first, b[2..3] the second.
+__device__ __forceinline__ void b_along_rows(uint32_t b[4], const uint16_t* s, int pitch, int k0, int n0) {
+    const int l = threadIdx.x & 31;
+    ldsm_x4(b, s + (n0 + (l & 7)) * pitch + k0 + 8 * (l >> 3));
+}
+
+// B fragments of the k-step k0.. for two 8-column tiles (n0.. and n0+8..) of B, from a row-major
+// shared [k][n] tile (the V tile for p.v): b[0..1] the first, b[2..3] the second.
+__device__ __forceinline__ void b_down_columns(uint32_t b[4], const uint16_t* s, int pitch, int k0, int n0) {
+    const int l = threadIdx.x & 31, m = l >> 3;
+    ldsm_x4_trans(b, s + (k0 + 8 * (m & 1) + (l & 7)) * pitch + n0 + 8 * (m >> 1));
+}
+
+// The A fragment of rows m0.. and columns k0.. of a row-major shared [m][k] tile.
+__device__ __forceinline__ void a_from_shared(uint32_t a[4], const uint16_t* s, int pitch, int m0, int k0) {
+    const int l = threadIdx.x & 31, m = l >> 3;
+    ldsm_x4(a, s + (m0 + 8 * (m & 1) + (l & 7)) * pitch + k0 + 8 * (m >> 1));
 }
 
 // Whether query i may attend key j (i, j < t), and the bias added to its score; in a TILE_PLAIN
@@ -180,6 +209,7 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     const float* bias_bt = bias + (bias_batched ? b : 0) * (int64_t)t * t;
     const uint8_t* tile_kind = kinds + ((bias_batched ? b : 0) * gridDim.x + qb) * gridDim.x;
     const int q0 = qb * BQ + warp * 16, r0 = q0 + g, r1 = r0 + 8;
+    const float scale2 = scale * LOG2E;
 
     uint32_t qa[D / 16][4];
     a_fragments<D>(qa, q + head, t, d, q0);
@@ -204,12 +234,16 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
         for (int j = 0; j < BK / 8; ++j) {
             s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t bf[2];
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                uint32_t bf[4];
                 b_along_rows(bf, ks, P, kk * 16, j * 8);
                 mma<T>(s[j], qa[kk], bf);
+                mma<T>(s[j], qa[kk + 1], bf + 2);
             }
         }
+        // Scores in log2 units (exp2 is the hardware's exponential). A plain tile wholly below
+        // this warp's diagonal needs no mask at all.
+        const bool open = kind == TILE_PLAIN && k0 + BK - 1 <= q0 && q0 + 15 < t;
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j) {
@@ -217,7 +251,8 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
             for (int e = 0; e < 4; ++e) {
                 const int row = e < 2 ? r0 : r1, key = k0 + j * 8 + 2 * c + (e & 1);
                 float bv, x = -INFINITY;
-                if (allowed(bias_bt, kind, t, row, key, bv)) x = s[j][e] * scale + bv;
+                if (open) x = s[j][e] * scale2;
+                else if (allowed(bias_bt, kind, t, row, key, bv)) x = s[j][e] * scale2 + bv * LOG2E;
                 s[j][e] = x;
                 if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
             }
@@ -230,7 +265,7 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
         // While a row has seen no allowed key its maximum is -inf; exponents are then taken
         // against 0 so they stay exp(-inf) = 0 rather than NaN.
         const float base0 = n0 == -INFINITY ? 0.0f : n0, base1 = n1 == -INFINITY ? 0.0f : n1;
-        const float a0 = expf(m0 - base0), a1 = expf(m1 - base1);
+        const float a0 = exp2f(m0 - base0), a1 = exp2f(m1 - base1);
         m0 = n0;
         m1 = n1;
         l0 *= a0;
@@ -244,10 +279,10 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
         }
 #pragma unroll
         for (int j = 0; j < BK / 8; ++j) {
-            s[j][0] = expf(s[j][0] - base0);
-            s[j][1] = expf(s[j][1] - base0);
-            s[j][2] = expf(s[j][2] - base1);
-            s[j][3] = expf(s[j][3] - base1);
+            s[j][0] = exp2f(s[j][0] - base0);
+            s[j][1] = exp2f(s[j][1] - base0);
+            s[j][2] = exp2f(s[j][2] - base1);
+            s[j][3] = exp2f(s[j][3] - base1);
             l0 += s[j][0] + s[j][1];
             l1 += s[j][2] + s[j][3];
         }
@@ -257,10 +292,11 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
                                     pack<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
                                     pack<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
 #pragma unroll
-            for (int j = 0; j < D / 8; ++j) {
-                uint32_t bf[2];
+            for (int j = 0; j < D / 8; j += 2) {
+                uint32_t bf[4];
                 b_down_columns(bf, vs, P, kc * 16, j * 8);
                 mma<T>(o[j], pa, bf);
+                mma<T>(o[j + 1], pa, bf + 2);
             }
         }
     }
@@ -280,8 +316,9 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
         }
     }
     if (c == 0) {
-        if (r0 < t) lse[bh * t + r0] = l0 > 0.0f ? m0 + logf(l0) : INFINITY;
-        if (r1 < t) lse[bh * t + r1] = l1 > 0.0f ? m1 + logf(l1) : INFINITY;
+        // Back to natural-log units for the caller.
+        if (r0 < t) lse[bh * t + r0] = l0 > 0.0f ? (m0 + log2f(l0)) * LN2 : INFINITY;
+        if (r1 < t) lse[bh * t + r1] = l1 > 0.0f ? (m1 + log2f(l1)) * LN2 : INFINITY;
     }
 #endif
 }
@@ -329,6 +366,7 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     const float* bias_bt = bias + (bias_batched ? b : 0) * (int64_t)t * t;
     const uint8_t* kinds_b = kinds + (bias_batched ? b : 0) * (int64_t)gridDim.x * gridDim.x;
     const int kw = k0 + warp * 16, kr0 = kw + g, kr1 = kr0 + 8;
+    const float scale2 = scale * LOG2E;
     // dout rows of this head: [b, t, heads, d], a row stride of heads * d.
     const uint16_t* dout_bh = dout + (b * t * heads + h) * (int64_t)d;
 
@@ -351,27 +389,32 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
         load_tile<D, P>(dos, BQB, dout_bh, t, d, qt0, (int64_t)heads * d);
         if (threadIdx.x < BQB) {
             const int row = qt0 + threadIdx.x;
-            lse_s[threadIdx.x] = row < t ? lse[bh * t + row] : INFINITY;
+            lse_s[threadIdx.x] = row < t ? lse[bh * t + row] * LOG2E : INFINITY;  // log2 units
             delta_s[threadIdx.x] = row < t ? delta[bh * t + row] : 0.0f;
         }
         __syncthreads();
 
-        // S^T (this warp's 16 keys x 32 queries), then P^T from lse.
+        // S^T (this warp's 16 keys x 32 queries), then P^T from lse; a plain tile whose queries
+        // all come after this warp's keys needs no mask.
+        const bool open = kind == TILE_PLAIN && kw + 15 <= qt0 && qt0 + BQB - 1 < t;
         float pt[BQB / 8][4];
 #pragma unroll
         for (int j = 0; j < BQB / 8; ++j) {
             pt[j][0] = pt[j][1] = pt[j][2] = pt[j][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t bf[2];
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                uint32_t bf[4];
                 b_along_rows(bf, qs, P, kk * 16, j * 8);
                 mma<T>(pt[j], ka[kk], bf);
+                mma<T>(pt[j], ka[kk + 1], bf + 2);
             }
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = e < 2 ? kr0 : kr1, qi = j * 8 + 2 * c + (e & 1);
                 float bv, p = 0.0f;
-                if (allowed(bias_bt, kind, t, qt0 + qi, key, bv)) p = expf(pt[j][e] * scale + bv - lse_s[qi]);
+                if (open) p = exp2f(pt[j][e] * scale2 - lse_s[qi]);
+                else if (allowed(bias_bt, kind, t, qt0 + qi, key, bv))
+                    p = exp2f(pt[j][e] * scale2 + bv * LOG2E - lse_s[qi]);
                 pt[j][e] = p;
             }
         }
@@ -383,20 +426,22 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
                                     pack<T>(pt[2 * kc + 1][0], pt[2 * kc + 1][1]),
                                     pack<T>(pt[2 * kc + 1][2], pt[2 * kc + 1][3])};
 #pragma unroll
-            for (int j = 0; j < D / 8; ++j) {
-                uint32_t bf[2];
+            for (int j = 0; j < D / 8; j += 2) {
+                uint32_t bf[4];
                 b_down_columns(bf, dos, P, kc * 16, j * 8);
                 mma<T>(dva[j], pa, bf);
+                mma<T>(dva[j + 1], pa, bf + 2);
             }
         }
 #pragma unroll
         for (int j = 0; j < BQB / 8; ++j) {
             dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t bf[2];
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                uint32_t bf[4];
                 b_along_rows(bf, dos, P, kk * 16, j * 8);
                 mma<T>(dpt[j], va[kk], bf);
+                mma<T>(dpt[j], va[kk + 1], bf + 2);
             }
             // dS^T = P^T (dP^T - delta) * scale: the scores' gradient (scale folded in).
 #pragma unroll
@@ -414,39 +459,38 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
                                     pack<T>(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]),
                                     pack<T>(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3])};
 #pragma unroll
-            for (int j = 0; j < D / 8; ++j) {
-                uint32_t bf[2];
+            for (int j = 0; j < D / 8; j += 2) {
+                uint32_t bf[4];
                 b_down_columns(bf, qs, P, kc * 16, j * 8);
                 mma<T>(dka[j], pa, bf);
+                mma<T>(dka[j + 1], pa, bf + 2);
             }
         }
         __syncthreads();
         // dq (32 queries x D) += dS k over the block's 64 keys: warp w takes queries
-        // 16 (w % 2).. and every other 8-column tile from w / 2.
+        // 16 (w % 2).. and every other pair of 8-column tiles from pair w / 2.
         {
             const int mq = (warp & 1) * 16;
             uint32_t sa[BK / 16][4];
 #pragma unroll
-            for (int kc = 0; kc < BK / 16; ++kc) {
-                const uint16_t* p = dss + (mq + g) * PS + kc * 16 + 2 * c;
-                sa[kc][0] = *reinterpret_cast<const uint32_t*>(p);
-                sa[kc][1] = *reinterpret_cast<const uint32_t*>(p + 8 * PS);
-                sa[kc][2] = *reinterpret_cast<const uint32_t*>(p + 8);
-                sa[kc][3] = *reinterpret_cast<const uint32_t*>(p + 8 * PS + 8);
-            }
+            for (int kc = 0; kc < BK / 16; ++kc) a_from_shared(sa[kc], dss, PS, mq, kc * 16);
 #pragma unroll
-            for (int j = warp >> 1; j < D / 8; j += 2) {
-                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int j = 2 * (warp >> 1); j < D / 8; j += 4) {
+                float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
                 for (int kc = 0; kc < BK / 16; ++kc) {
-                    uint32_t bf[2];
+                    uint32_t bf[4];
                     b_down_columns(bf, ks, P, kc * 16, j * 8);
-                    mma<T>(acc, sa[kc], bf);
+                    mma<T>(acc[0], sa[kc], bf);
+                    mma<T>(acc[1], sa[kc], bf + 2);
                 }
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int row = qt0 + mq + g + (e < 2 ? 0 : 8), col = j * 8 + 2 * c + (e & 1);
-                    if (row < t && col < d) atomicAdd(dq_acc + head + (int64_t)row * d + col, acc[e]);
+                for (int n = 0; n < 2; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = qt0 + mq + g + (e < 2 ? 0 : 8), col = (j + n) * 8 + 2 * c + (e & 1);
+                        if (row < t && col < d) atomicAdd(dq_acc + head + (int64_t)row * d + col, acc[n][e]);
+                    }
                 }
             }
         }

@@ -8,6 +8,8 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -43,6 +45,7 @@ inline std::unique_ptr<std::barrier<>> warp_barrier[MAX_WARPS];
 // Per-warp exchange slots: each lane's value or registers, read by the others between barriers.
 inline float lane_float[MAX_WARPS][32];
 inline uint32_t lane_a[MAX_WARPS][32][4], lane_b[MAX_WARPS][32][2];
+inline const uint16_t* lane_row[MAX_WARPS][32];
 inline std::mutex atomics;
 
 inline int warp() { return thread_idx.x / 32; }
@@ -105,6 +108,32 @@ inline int atomicOr(int* p, int v) {
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 inline int min(int a, int b) { return a < b ? a : b; }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the (16-byte aligned) address of
+// row l % 8 of matrix l / 8; register m of lane l gets row l / 4, columns 2 (l % 4), 2 (l % 4) + 1
+// of matrix m, or with .trans column l / 4, rows 2 (l % 4), 2 (l % 4) + 1 (low half first).
+inline void emulated_ldmatrix_x4(uint32_t r[4], const uint16_t* row, bool trans) {
+    if (reinterpret_cast<uintptr_t>(row) & 15) {
+        std::fprintf(stderr, "ldmatrix: row address %p is not 16-byte aligned\n", (const void*)row);
+        std::abort();
+    }
+    const int w = emu::warp(), l = emu::lane();
+    emu::lane_row[w][l] = row;
+    emu::warp_sync();
+    for (int m = 0; m < 4; ++m) {
+        uint16_t lo, hi;
+        if (!trans) {
+            const uint16_t* p = emu::lane_row[w][8 * m + l / 4];
+            lo = p[2 * (l % 4)];
+            hi = p[2 * (l % 4) + 1];
+        } else {
+            lo = emu::lane_row[w][8 * m + 2 * (l % 4)][l / 4];
+            hi = emu::lane_row[w][8 * m + 2 * (l % 4) + 1][l / 4];
+        }
+        r[m] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    emu::warp_sync();
+}
 
 // The two 16-bit halves of a register as floats (low half first), for storage type T.
 template <typename T> float emulated_half(uint16_t bits);
