@@ -155,6 +155,43 @@ __device__ __forceinline__ void a_from_shared(uint32_t a[4], const uint16_t* s, 
     ldsm_x4(a, s + (m0 + 8 * (m & 1) + (l & 7)) * pitch + k0 + 8 * (m >> 1));
 }
 
+// acc = A B for one 16 x 8 output tile: A the warp's 16 rows of D columns (fragments in
+// registers), B the transpose of rows n0..n0+7 of a row-major shared [rows][D] tile (q.k^T's
+// keys, or dout rows for V.dout^T).
+template <typename T, int D>
+__device__ __forceinline__ void rows_times_tile(float acc[4], const uint32_t a[D / 16][4], const uint16_t* s, int n0) {
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk += 2) {
+        uint32_t bf[4];
+        b_along_rows(bf, s, D + 8, kk * 16, n0);
+        mma<T>(acc, a[kk], bf);
+        mma<T>(acc, a[kk + 1], bf + 2);
+    }
+}
+
+// acc += A B over all D columns: A a 16 x 16 fragment (16 rows of the scores, 16 positions from
+// k0), B rows k0..k0+15 of a row-major shared [positions][D] tile (p.v, P^T dout, dS^T q).
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_tile(float acc[D / 8][4], const uint32_t a[4], const uint16_t* s, int k0) {
+#pragma unroll
+    for (int j = 0; j < D / 8; j += 2) {
+        uint32_t bf[4];
+        b_down_columns(bf, s, D + 8, k0, j * 8);
+        mma<T>(acc[j], a, bf);
+        mma<T>(acc[j + 1], a, bf + 2);
+    }
+}
+
+// The A fragment of 16 positions (two 8-column C tiles, 2 kc and 2 kc + 1) of a score block held
+// in C fragments: the C layout of two neighbouring tiles is the A layout of their 16 x 16 block.
+template <typename T> __device__ __forceinline__ void scores_as_a(uint32_t a[4], const float c[][4], int kc) {
+    a[0] = pack<T>(c[2 * kc][0], c[2 * kc][1]);
+    a[1] = pack<T>(c[2 * kc][2], c[2 * kc][3]);
+    a[2] = pack<T>(c[2 * kc + 1][0], c[2 * kc + 1][1]);
+    a[3] = pack<T>(c[2 * kc + 1][2], c[2 * kc + 1][3]);
+}
+
 // Whether query i may attend key j (i, j < t), and the bias added to its score; in a TILE_PLAIN
 // tile every causally visible entry is allowed with bias 0.
 __device__ __forceinline__ bool allowed(const float* bias_bt, int kind, int t, int i, int j, float& bias) {
@@ -231,16 +268,7 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
 
         float s[BK / 8][4];
 #pragma unroll
-        for (int j = 0; j < BK / 8; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk += 2) {
-                uint32_t bf[4];
-                b_along_rows(bf, ks, P, kk * 16, j * 8);
-                mma<T>(s[j], qa[kk], bf);
-                mma<T>(s[j], qa[kk + 1], bf + 2);
-            }
-        }
+        for (int j = 0; j < BK / 8; ++j) rows_times_tile<T, D>(s[j], qa, ks, j * 8);
         // Scores in log2 units (exp2 is the hardware's exponential). A plain tile wholly below
         // this warp's diagonal needs no mask at all.
         const bool open = kind == TILE_PLAIN && k0 + BK - 1 <= q0 && q0 + 15 < t;
@@ -288,16 +316,9 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
         }
 #pragma unroll
         for (int kc = 0; kc < BK / 16; ++kc) {
-            const uint32_t pa[4] = {pack<T>(s[2 * kc][0], s[2 * kc][1]), pack<T>(s[2 * kc][2], s[2 * kc][3]),
-                                    pack<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                                    pack<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-#pragma unroll
-            for (int j = 0; j < D / 8; j += 2) {
-                uint32_t bf[4];
-                b_down_columns(bf, vs, P, kc * 16, j * 8);
-                mma<T>(o[j], pa, bf);
-                mma<T>(o[j + 1], pa, bf + 2);
-            }
+            uint32_t pa[4];
+            scores_as_a<T>(pa, s, kc);
+            accumulate_tile<T, D>(o, pa, vs, kc * 16);
         }
     }
 
@@ -400,14 +421,7 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
         float pt[BQB / 8][4];
 #pragma unroll
         for (int j = 0; j < BQB / 8; ++j) {
-            pt[j][0] = pt[j][1] = pt[j][2] = pt[j][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk += 2) {
-                uint32_t bf[4];
-                b_along_rows(bf, qs, P, kk * 16, j * 8);
-                mma<T>(pt[j], ka[kk], bf);
-                mma<T>(pt[j], ka[kk + 1], bf + 2);
-            }
+            rows_times_tile<T, D>(pt[j], ka, qs, j * 8);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = e < 2 ? kr0 : kr1, qi = j * 8 + 2 * c + (e & 1);
@@ -422,27 +436,13 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
         float dpt[BQB / 8][4];
 #pragma unroll
         for (int kc = 0; kc < BQB / 16; ++kc) {
-            const uint32_t pa[4] = {pack<T>(pt[2 * kc][0], pt[2 * kc][1]), pack<T>(pt[2 * kc][2], pt[2 * kc][3]),
-                                    pack<T>(pt[2 * kc + 1][0], pt[2 * kc + 1][1]),
-                                    pack<T>(pt[2 * kc + 1][2], pt[2 * kc + 1][3])};
-#pragma unroll
-            for (int j = 0; j < D / 8; j += 2) {
-                uint32_t bf[4];
-                b_down_columns(bf, dos, P, kc * 16, j * 8);
-                mma<T>(dva[j], pa, bf);
-                mma<T>(dva[j + 1], pa, bf + 2);
-            }
+            uint32_t pa[4];
+            scores_as_a<T>(pa, pt, kc);
+            accumulate_tile<T, D>(dva, pa, dos, kc * 16);
         }
 #pragma unroll
         for (int j = 0; j < BQB / 8; ++j) {
-            dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk += 2) {
-                uint32_t bf[4];
-                b_along_rows(bf, dos, P, kk * 16, j * 8);
-                mma<T>(dpt[j], va[kk], bf);
-                mma<T>(dpt[j], va[kk + 1], bf + 2);
-            }
+            rows_times_tile<T, D>(dpt[j], va, dos, j * 8);
             // dS^T = P^T (dP^T - delta) * scale: the scores' gradient (scale folded in).
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
@@ -455,16 +455,9 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
         // dK += dS^T q.
 #pragma unroll
         for (int kc = 0; kc < BQB / 16; ++kc) {
-            const uint32_t pa[4] = {pack<T>(dpt[2 * kc][0], dpt[2 * kc][1]), pack<T>(dpt[2 * kc][2], dpt[2 * kc][3]),
-                                    pack<T>(dpt[2 * kc + 1][0], dpt[2 * kc + 1][1]),
-                                    pack<T>(dpt[2 * kc + 1][2], dpt[2 * kc + 1][3])};
-#pragma unroll
-            for (int j = 0; j < D / 8; j += 2) {
-                uint32_t bf[4];
-                b_down_columns(bf, qs, P, kc * 16, j * 8);
-                mma<T>(dka[j], pa, bf);
-                mma<T>(dka[j + 1], pa, bf + 2);
-            }
+            uint32_t pa[4];
+            scores_as_a<T>(pa, dpt, kc);
+            accumulate_tile<T, D>(dka, pa, qs, kc * 16);
         }
         __syncthreads();
         // dq (32 queries x D) += dS k over the block's 64 keys: warp w takes queries

@@ -342,8 +342,7 @@ mod cuda {
             .into_cuda_function();
         let t32 = i32_of(t, "positions")?;
         with_storages(&[bias, &kinds], |s| {
-            let bias = s[0].0.as_cuda_slice::<f32>()?.slice(s[0].1..);
-            let kinds = s[1].0.as_cuda_slice::<u8>()?.slice(s[1].1..);
+            let (bias, kinds) = (typed::<f32>(s, 0)?, typed::<u8>(s, 1)?);
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&func);
             l.arg(&bias).arg(&kinds).arg(&t32);
@@ -358,6 +357,14 @@ mod cuda {
             Ok(())
         })?;
         Ok(kinds)
+    }
+
+    /// Storage `i` of [`with_storages`]' list as elements of `T` from its layout's offset.
+    fn typed<'a, T: CudaDType>(
+        s: &[(&'a CudaStorage, usize)],
+        i: usize,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        Ok(s[i].0.as_cuda_slice::<T>()?.slice(s[i].1..))
     }
 
     fn grid(t: usize, bh: usize) -> LaunchConfig {
@@ -403,12 +410,9 @@ mod cuda {
                 scale: f32,
                 cfg: LaunchConfig,
             ) -> Result<()> {
-                let x =
-                    |i: usize| -> Result<_> { Ok(s[i].0.as_cuda_slice::<T>()?.slice(s[i].1..)) };
-                let f =
-                    |i: usize| -> Result<_> { Ok(s[i].0.as_cuda_slice::<f32>()?.slice(s[i].1..)) };
+                let (x, f) = (|i| typed::<T>(s, i), |i| typed::<f32>(s, i));
                 let (q, k, v, bias, out, lse) = (x(0)?, x(1)?, x(2)?, f(3)?, x(4)?, f(5)?);
-                let kinds = s[6].0.as_cuda_slice::<u8>()?.slice(s[6].1..);
+                let kinds = typed::<u8>(s, 6)?;
                 let stream = dev.cuda_stream();
                 let mut l = stream.launch_builder(func);
                 l.arg(&q)
@@ -484,13 +488,10 @@ mod cuda {
                 scale: f32,
                 cfg: LaunchConfig,
             ) -> Result<()> {
-                let x =
-                    |i: usize| -> Result<_> { Ok(s[i].0.as_cuda_slice::<T>()?.slice(s[i].1..)) };
-                let f =
-                    |i: usize| -> Result<_> { Ok(s[i].0.as_cuda_slice::<f32>()?.slice(s[i].1..)) };
+                let (x, f) = (|i| typed::<T>(s, i), |i| typed::<f32>(s, i));
                 let (q, k, v, bias, dout, lse) = (x(0)?, x(1)?, x(2)?, f(3)?, x(4)?, f(5)?);
                 let (delta, dq_acc, dk, dv, out) = (f(6)?, f(7)?, x(8)?, x(9)?, x(10)?);
-                let kinds = s[11].0.as_cuda_slice::<u8>()?.slice(s[11].1..);
+                let kinds = typed::<u8>(s, 11)?;
                 let stream = dev.cuda_stream();
                 let mut l = stream.launch_builder(delta_fn);
                 l.arg(&out)

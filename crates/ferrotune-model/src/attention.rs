@@ -38,10 +38,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
         if !tracked {
             return out.transpose(1, 2);
         }
-        let op = FlashBackward {
+        let op = AttentionNode {
             bias: bias.clone(),
             scale,
-            lse,
+            saved: Saved::Lse(lse),
             out: Handover::new("attention output", out),
         };
         return q.apply_op3(k, v, op)?.transpose(1, 2);
@@ -52,10 +52,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
         let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
         let probs = attention_probs(&q0.matmul(&k0.t()?)?, bias, scale)?;
         let out = probs.matmul(&v0)?;
-        let op = AttentionBackward {
+        let op = AttentionNode {
             bias: bias.clone(),
             scale,
-            probs: cuda.then_some(probs),
+            saved: Saved::Probs(cuda.then_some(probs)),
             out: Handover::new("attention output", out),
         };
         return q.apply_op3(k, v, op);
@@ -108,84 +108,26 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Res
 }
 
 /// Carries the output computed in [`attention`] into the graph and computes the gradients of
-/// `q`, `k` and `v` from them alone.
-struct AttentionBackward {
+/// `q`, `k` and `v` from what the forward saved.
+struct AttentionNode {
     bias: Tensor,
     scale: f64,
-    /// The forward's probabilities where they are kept (CUDA); `None`: recomputed (CPU).
-    probs: Option<Tensor>,
+    saved: Saved,
     /// Handed over (and released) by the forward, so the graph holds one copy of the output.
     out: Handover,
 }
 
-impl CustomOp3 for AttentionBackward {
+enum Saved {
+    /// The forward's probabilities where they are kept (CUDA); `None`: recomputed (CPU). The
+    /// output is `[b, h, tq, d]`.
+    Probs(Option<Tensor>),
+    /// Flash attention's log-sum-exp; the output is `[b, t, h, d]`.
+    Lse(Tensor),
+}
+
+impl CustomOp3 for AttentionNode {
     fn name(&self) -> &'static str {
         "attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached, so the gradients returned hold no graph (and no score buffer) alive.
-        let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        let scale = self.scale;
-        let (dq, dk, dv) = match &self.probs {
-            Some(probs) => attention_grads(&q, &k, &v, probs, &g, |p, dp| {
-                LayerOps::Kernels.softmax_grad(p, dp, scale)
-            })?,
-            None => {
-                let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, &self.bias, scale)?;
-                attention_grads(&q, &k, &v, &probs, &g, |p, dp| {
-                    LayerOps::CpuF32.softmax_grad(p, dp, scale)
-                })?
-            }
-        };
-        Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-/// Carries flash attention's output (`[b, t, heads, d]`) into the graph; its backward is the
-/// flash kernel's, from the kept log-sum-exp.
-struct FlashBackward {
-    bias: Tensor,
-    scale: f64,
-    lse: Tensor,
-    out: Handover,
-}
-
-impl CustomOp3 for FlashBackward {
-    fn name(&self) -> &'static str {
-        "flash-attention"
     }
 
     fn cpu_fwd(
@@ -221,16 +163,30 @@ impl CustomOp3 for FlashBackward {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = ferrotune_kernels::flash_attention_grad(
-            &q.detach(),
-            &k.detach(),
-            &v.detach(),
-            &self.bias,
-            &res.detach(),
-            &self.lse,
-            &grad.detach(),
-            self.scale,
-        )?;
+        // Detached, so the gradients returned hold no graph (and no score buffer) alive.
+        let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let scale = self.scale;
+        let (dq, dk, dv) = match &self.saved {
+            Saved::Lse(lse) => ferrotune_kernels::flash_attention_grad(
+                &q,
+                &k,
+                &v,
+                &self.bias,
+                &res.detach(),
+                lse,
+                &g,
+                scale,
+            )?,
+            Saved::Probs(Some(probs)) => attention_grads(&q, &k, &v, probs, &g, |p, dp| {
+                LayerOps::Kernels.softmax_grad(p, dp, scale)
+            })?,
+            Saved::Probs(None) => {
+                let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, &self.bias, scale)?;
+                attention_grads(&q, &k, &v, &probs, &g, |p, dp| {
+                    LayerOps::CpuF32.softmax_grad(p, dp, scale)
+                })?
+            }
+        };
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
