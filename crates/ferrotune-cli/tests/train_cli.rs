@@ -355,6 +355,28 @@ fn plan_gives_a_verdict_for_gpus_and_azure_sizes() {
     let total = v["plan"]["total"].as_u64().unwrap();
     let weights = v["plan"]["weights"].as_u64().unwrap();
     assert!(total > weights && weights > 0);
+    // fp32 has no flash attention; in bf16 the flash-attention alternative keeps nothing
+    // score-sized: less than the kept probabilities.
+    assert!(v["flash_attention_total"].is_null());
+    let bf16 = json_ok(
+        ferrotune()
+            .args([
+                "plan",
+                "--json",
+                "--gpu",
+                "H100-80GB",
+                "--set",
+                "precision=bf16",
+                "--config",
+            ])
+            .arg(&cfg),
+    );
+    assert_eq!(bf16["flash_attention"], false);
+    let (flash, probs) = (
+        bf16["flash_attention_total"].as_u64().unwrap(),
+        bf16["plan"]["total"].as_u64().unwrap(),
+    );
+    assert!(flash < probs, "{flash} vs {probs}");
     ferrotune()
         .args([
             "plan",

@@ -77,13 +77,25 @@ pub fn run(args: &PlanArgs, json_out: bool) -> Result<(), Failure> {
         .then(|| ferrotune_model::device_memory::capacity(&candle_core::Device::Cpu))
         .flatten();
     let host_verdict = available.map(|c| plan::verdict(&input, c.free));
+    // On a GPU in bf16/f16, what the run would plan with flash attention (opt-in until a GPU
+    // has run it), where it does not use it already.
+    let flash_total = (target.is_some()
+        && input.dtype_bytes == 2
+        && input.ops.kernels
+        && !input.ops.flash_attention)
+        .then(|| {
+            let mut flash = input.clone();
+            flash.ops.flash_attention = true;
+            plan::with_device_overhead(&plan::estimate(&flash)).total
+        });
     if json_out {
         println!(
             "{}",
             json!({"plan": on_device.as_ref().unwrap_or(&estimate), "target": target, "verdict": verdict,
                    "micro_batch": input.micro_batch, "seq_len": input.seq_len, "recompute": input.recompute,
                    "dtype_bytes": input.dtype_bytes, "note": bf16_note, "data_parallel": parallel,
-                   "host_verdict": host_verdict})
+                   "host_verdict": host_verdict, "flash_attention": input.ops.flash_attention,
+                   "flash_attention_total": flash_total})
         );
         return Ok(());
     }
@@ -123,6 +135,13 @@ pub fn run(args: &PlanArgs, json_out: bool) -> Result<(), Failure> {
         }
         if !input.recompute && !v.fits {
             println!("  try gradient_checkpointing: true (per-layer recompute)");
+        }
+        if let Some(total) = flash_total {
+            println!(
+                "  with flash attention (FERROTUNE_TRAIN_ATTENTION=flash; sm_80+, not yet run on a GPU): {:.2} GiB{}",
+                gib(total),
+                if !v.fits && total <= v.usable_bytes { ", which fits" } else { "" }
+            );
         }
     }
     if let (Some(c), Some(v)) = (available, &host_verdict) {
