@@ -16,21 +16,53 @@ __device__ __forceinline__ int64_t split_index(int64_t b, int64_t pos, int head,
     return q_size + kv_size + ((b * nkv + head - nh - nkv) * t + pos) * d + j;
 }
 
+// Element e = (b, pos, head, j) of qkv after the rotation (query and key heads) or as it is
+// (value heads).
+template <typename T>
+__device__ __forceinline__ T rotated(const T* __restrict__ qkv, const T* __restrict__ cos,
+                                     const T* __restrict__ sin, int64_t e, int64_t b, int64_t pos, int head,
+                                     int j, int nh, int nkv, int t, int d) {
+    const int half = d / 2;
+    float y = to_f32(qkv[e]);
+    if (head < nh + nkv) {
+        const int64_t cs = (b * t + pos) * d + j;
+        const float rot = j < half ? -to_f32(qkv[e + half]) : to_f32(qkv[e - half]);
+        y = round_to<T>(y * to_f32(cos[cs])) + round_to<T>(rot * to_f32(sin[cs]));
+    }
+    return from_f32<T>(y);
+}
+
 template <typename T>
 __device__ void rope_qkv_fwd(const T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
                              T* __restrict__ out, int64_t n, int nh, int nkv, int t, int d) {
-    const int heads = nh + 2 * nkv, half = d / 2;
+    const int heads = nh + 2 * nkv;
     const int64_t batch = n / ((int64_t)t * heads * d);
     for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
         const int j = e % d, head = (e / d) % heads;
         const int64_t pos = (e / ((int64_t)d * heads)) % t, b = e / ((int64_t)d * heads * t);
-        float y = to_f32(qkv[e]);
-        if (head < nh + nkv) {
-            const int64_t cs = (b * t + pos) * d + j;
-            const float rot = j < half ? -to_f32(qkv[e + half]) : to_f32(qkv[e - half]);
-            y = round_to<T>(y * to_f32(cos[cs])) + round_to<T>(rot * to_f32(sin[cs]));
+        out[split_index(b, pos, head, j, batch, nh, nkv, t, d)] = rotated(qkv, cos, sin, e, b, pos, head, j, nh, nkv, t, d);
+    }
+}
+
+// Decoding's form: q to its own buffer [b, nh, t, d], k and v straight into the KV cache's
+// buffers [b, nkv, cap, d] at columns start..start + t (no separate k, v and no copies into the
+// cache after them).
+template <typename T>
+__device__ void rope_qkv_cache(const T* __restrict__ qkv, const T* __restrict__ cos, const T* __restrict__ sin,
+                               T* __restrict__ q, T* __restrict__ k_cache, T* __restrict__ v_cache, int64_t n,
+                               int nh, int nkv, int t, int d, int cap, int start) {
+    const int heads = nh + 2 * nkv;
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+        const int j = e % d, head = (e / d) % heads;
+        const int64_t pos = (e / ((int64_t)d * heads)) % t, b = e / ((int64_t)d * heads * t);
+        const T y = rotated(qkv, cos, sin, e, b, pos, head, j, nh, nkv, t, d);
+        if (head < nh) {
+            q[((b * nh + head) * t + pos) * d + j] = y;
+        } else {
+            const bool key = head < nh + nkv;
+            const int64_t kv = key ? head - nh : head - nh - nkv;
+            (key ? k_cache : v_cache)[((b * nkv + kv) * cap + start + pos) * d + j] = y;
         }
-        out[split_index(b, pos, head, j, batch, nh, nkv, t, d)] = from_f32<T>(y);
     }
 }
 
@@ -61,6 +93,11 @@ __device__ void rope_qkv_bwd(const T* __restrict__ dq, const T* __restrict__ dk,
     extern "C" __global__ void rope_qkv_fwd_##NAME(const T* qkv, const T* c, const T* s, T* out,        \
                                                    int64_t n, int nh, int nkv, int t, int d) {          \
         rope_qkv_fwd<T>(qkv, c, s, out, n, nh, nkv, t, d);                                              \
+    }                                                                                                   \
+    extern "C" __global__ void rope_qkv_cache_##NAME(const T* qkv, const T* c, const T* s, T* q, T* kc, T* vc, \
+                                                     int64_t n, int nh, int nkv, int t, int d, int cap,  \
+                                                     int start) {                                        \
+        rope_qkv_cache<T>(qkv, c, s, q, kc, vc, n, nh, nkv, t, d, cap, start);                          \
     }                                                                                                   \
     extern "C" __global__ void rope_qkv_bwd_##NAME(const T* dq, const T* dk, const T* dv, const T* c,   \
                                                    const T* s, T* dqkv, int64_t n, int nh, int nkv,     \

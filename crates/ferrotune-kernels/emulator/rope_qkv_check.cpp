@@ -72,10 +72,57 @@ bool run_case(int b, int t, int nh, int nkv, int d, const char* dtype,
     return ok;
 }
 
+// rope_qkv_cache: the same values as the split forward, q in its own buffer and k, v written into
+// longer cache buffers at columns start.. (the other columns untouched).
+template <typename T>
+bool cache_case(int b, int t, int nh, int nkv, int d, int cap, int start, const char* dtype,
+                void (*fwd)(const T*, const T*, const T*, T*, int64_t, int, int, int, int),
+                void (*cache)(const T*, const T*, const T*, T*, T*, T*, int64_t, int, int, int, int, int, int)) {
+    std::mt19937 rng(17 + t + d);
+    const int heads = nh + 2 * nkv;
+    const int64_t n = (int64_t)b * t * heads * d;
+    const std::vector<T> qkv = random_values<T>(n, rng);
+    const std::vector<T> cos = random_values<T>((size_t)b * t * d, rng), sin = random_values<T>((size_t)b * t * d, rng);
+    std::vector<T> split(n), q((size_t)b * nh * t * d);
+    std::vector<T> kc = random_values<T>((size_t)b * nkv * cap * d, rng), vc = random_values<T>((size_t)b * nkv * cap * d, rng);
+    const std::vector<T> kc0 = kc, vc0 = vc;
+    emu::launch({2, 1, 1}, {256, 1, 1}, [&] { fwd(qkv.data(), cos.data(), sin.data(), split.data(), n, nh, nkv, t, d); });
+    emu::launch({2, 1, 1}, {256, 1, 1}, [&] {
+        cache(qkv.data(), cos.data(), sin.data(), q.data(), kc.data(), vc.data(), n, nh, nkv, t, d, cap, start);
+    });
+    // Expected: q = the split's first part; the caches = their old contents with the split's k
+    // and v in columns start..start + t.
+    const int64_t q_size = (int64_t)b * nh * t * d, kv_size = (int64_t)b * nkv * t * d;
+    std::vector<double> want_q(q.size()), want_k(kc.size()), want_v(vc.size());
+    for (size_t i = 0; i < q.size(); ++i) want_q[i] = value(split[i]);
+    for (size_t i = 0; i < kc.size(); ++i) {
+        want_k[i] = value(kc0[i]);
+        want_v[i] = value(vc0[i]);
+    }
+    for (int bi = 0; bi < b; ++bi)
+        for (int h = 0; h < nkv; ++h)
+            for (int p = 0; p < t; ++p)
+                for (int j = 0; j < d; ++j) {
+                    const int64_t from = (((int64_t)bi * nkv + h) * t + p) * d + j;
+                    const int64_t to = (((int64_t)bi * nkv + h) * cap + start + p) * d + j;
+                    want_k[to] = value(split[q_size + from]);
+                    want_v[to] = value(split[q_size + kv_size + from]);
+                }
+    const std::string shape = "[" + std::to_string(b) + "," + std::to_string(t) + "," + std::to_string(nh) + "/" +
+                              std::to_string(nkv) + "," + std::to_string(d) + "] into " + std::to_string(cap) +
+                              " columns at " + std::to_string(start) + " " + dtype;
+    bool ok = report(("rope_qkv_cache q " + shape).c_str(), max_relative(q, want_q), 0.0);
+    ok &= report(("rope_qkv_cache keys " + shape).c_str(), max_relative(kc, want_k), 0.0);
+    ok &= report(("rope_qkv_cache values " + shape).c_str(), max_relative(vc, want_v), 0.0);
+    return ok;
+}
+
 int main() {
     bool ok = true;
     ok &= run_case<float>(2, 5, 4, 4, 16, "f32", rope_qkv_fwd_f32, rope_qkv_bwd_f32);
     ok &= run_case<__nv_bfloat16>(1, 7, 6, 2, 24, "bf16", rope_qkv_fwd_bf16, rope_qkv_bwd_bf16);
     ok &= run_case<__half>(3, 3, 2, 1, 8, "f16", rope_qkv_fwd_f16, rope_qkv_bwd_f16);
+    ok &= cache_case<float>(2, 1, 4, 2, 16, 9, 5, "f32", rope_qkv_fwd_f32, rope_qkv_cache_f32);
+    ok &= cache_case<__nv_bfloat16>(3, 3, 6, 6, 24, 40, 37, "bf16", rope_qkv_fwd_bf16, rope_qkv_cache_bf16);
     return ok ? 0 : 1;
 }

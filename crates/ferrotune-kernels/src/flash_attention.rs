@@ -280,10 +280,10 @@ mod reference {
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, DType, Result, Storage, Tensor};
+    use candle_core::{CudaDevice, CudaStorage, DType, Result, Tensor};
 
     use super::Dims;
-    use crate::launch::{function, i32_of, storage_of};
+    use crate::launch::{function, i32_of, typed, with_storages};
 
     const MODULE: (&str, &str) = ("ferrotune_flash_attention", crate::ptx::FLASH_ATTENTION);
     /// BQ (forward queries per block) and BK (backward keys per block) in the .cu file.
@@ -309,25 +309,6 @@ mod cuda {
             candle_core::Device::Cuda(d) => Ok(d.clone()),
             other => candle_core::bail!("flash_attention: expected a CUDA tensor, got {other:?}"),
         }
-    }
-
-    /// Runs `f` with the CUDA storages of `tensors` (read guards held for the launch).
-    fn with_storages<R>(
-        tensors: &[&Tensor],
-        f: impl FnOnce(&[(&CudaStorage, usize)]) -> Result<R>,
-    ) -> Result<R> {
-        let guards = tensors
-            .iter()
-            .map(|t| storage_of(t))
-            .collect::<Result<Vec<_>>>()?;
-        let storages: Vec<(&CudaStorage, usize)> = guards
-            .iter()
-            .map(|(s, l)| match &**s {
-                Storage::Cuda(s) => (s, l.start_offset()),
-                _ => unreachable!("storage_of checked the device"),
-            })
-            .collect();
-        f(&storages)
     }
 
     /// The kernels' tile kinds for `bias` (`flash_attention_tile_kinds`: one byte per 64 × 64
@@ -357,14 +338,6 @@ mod cuda {
             Ok(())
         })?;
         Ok(kinds)
-    }
-
-    /// Storage `i` of [`with_storages`]' list as elements of `T` from its layout's offset.
-    fn typed<'a, T: CudaDType>(
-        s: &[(&'a CudaStorage, usize)],
-        i: usize,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        Ok(s[i].0.as_cuda_slice::<T>()?.slice(s[i].1..))
     }
 
     fn grid(t: usize, bh: usize) -> LaunchConfig {

@@ -108,3 +108,32 @@ pub fn storage_of(
     let l = l.clone();
     Ok((s, l))
 }
+
+/// Runs `f` with the CUDA storages of `tensors` and their layouts' offsets (read guards held for
+/// the launch): for kernels that also write into tensors allocated for them beforehand (several
+/// outputs, or a buffer updated in place).
+pub fn with_storages<R>(
+    tensors: &[&candle_core::Tensor],
+    f: impl FnOnce(&[(&CudaStorage, usize)]) -> Result<R>,
+) -> Result<R> {
+    let guards = tensors
+        .iter()
+        .map(|t| storage_of(t))
+        .collect::<Result<Vec<_>>>()?;
+    let storages: Vec<(&CudaStorage, usize)> = guards
+        .iter()
+        .map(|(s, l)| match &**s {
+            candle_core::Storage::Cuda(s) => (s, l.start_offset()),
+            _ => unreachable!("storage_of checked the device"),
+        })
+        .collect();
+    f(&storages)
+}
+
+/// Storage `i` of [`with_storages`]' list as elements of `T` from its layout's offset.
+pub fn typed<'a, T: CudaDType>(
+    s: &[(&'a CudaStorage, usize)],
+    i: usize,
+) -> Result<CudaView<'a, T>> {
+    Ok(s[i].0.as_cuda_slice::<T>()?.slice(s[i].1..))
+}

@@ -26,7 +26,7 @@ pub use dropout::dropout_mask;
 pub use flash_attention::{flash_attention, flash_attention_grad};
 pub use rms_norm::{add_rms_norm, rms_norm, rms_norm_grad, rms_norm_grad_add};
 pub use rope::{rope, rope_adjoint};
-pub use rope_qkv::{rope_qkv, rope_qkv_adjoint};
+pub use rope_qkv::{rope_qkv, rope_qkv_adjoint, rope_qkv_into_cache};
 pub use swiglu::{swiglu, swiglu_grad};
 
 /// Whether the fused kernels are used where they apply: yes unless `FERROTUNE_KERNELS=0`, which

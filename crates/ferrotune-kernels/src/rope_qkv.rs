@@ -74,6 +74,64 @@ pub fn rope_qkv_adjoint(
         .apply_op3_no_bwd(&dk.contiguous()?, &dv.contiguous()?, &op)
 }
 
+/// Decoding's form of [`rope_qkv`]: returns the query heads `[b, q_heads, t, d]` and writes the
+/// rotated key heads and the value heads into the KV cache's buffers `k_cache`/`v_cache`
+/// (`[b, kv_heads, capacity, d]`, contiguous) at columns `start..start + t`, in place. On CUDA one
+/// kernel (`rope_qkv_cache`) instead of the split and a copy into each buffer; elsewhere
+/// [`rope_qkv`] and `slice_set`, its reference. Records no backward.
+pub fn rope_qkv_into_cache(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    (q_heads, kv_heads): (usize, usize),
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    start: usize,
+) -> Result<Tensor> {
+    let (b, t, width) = qkv.dims3()?;
+    let heads = q_heads + 2 * kv_heads;
+    if heads == 0 || !width.is_multiple_of(heads) {
+        candle_core::bail!("rope_qkv_into_cache: width {width} is not a multiple of {heads} heads");
+    }
+    let d = width / heads;
+    let (cb, ckv, capacity, cd) = k_cache.dims4()?;
+    let fits = v_cache.dims() == k_cache.dims()
+        && (cb, ckv, cd) == (b, kv_heads, d)
+        && start + t <= capacity
+        && [k_cache, v_cache]
+            .iter()
+            .all(|c| c.dtype() == qkv.dtype() && c.is_contiguous());
+    if !fits {
+        candle_core::bail!(
+            "rope_qkv_into_cache: caches {:?}/{:?} ({:?}) cannot take {t} columns at {start} of \
+             [b {b}, {kv_heads} kv heads, d {d}] ({:?}; contiguous buffers needed)",
+            k_cache.dims(),
+            v_cache.dims(),
+            k_cache.dtype(),
+            qkv.dtype()
+        );
+    }
+    let qkv = qkv.detach();
+    match qkv.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => {
+            let tables = Tables::checked(cos, sin, qkv.dtype(), (b, t, d))?;
+            cuda::into_cache(
+                &qkv.contiguous()?,
+                &tables,
+                (q_heads, kv_heads),
+                (k_cache, v_cache),
+                start,
+            )
+        }
+        _ => {
+            let (q, k, v) = rope_qkv(&qkv, cos, sin, (q_heads, kv_heads))?;
+            k_cache.slice_set(&k.contiguous()?, 2, start)?;
+            v_cache.slice_set(&v.contiguous()?, 2, start)?;
+            Ok(q)
+        }
+    }
+}
+
 /// The rotary tables `[b, t, d]`.
 #[derive(Clone)]
 struct Tables {
@@ -318,7 +376,7 @@ mod cuda {
         CudaFunction, CudaSlice, DeviceRepr, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Tensor};
 
     use super::RopeQkv;
     use crate::launch::{elementwise, i32_of, output, storage_of, view, Launch};
@@ -351,6 +409,75 @@ mod cuda {
             ("ferrotune_rope_qkv", crate::ptx::ROPE_QKV),
             base,
         )
+    }
+
+    /// `rope_qkv_cache_<T>`: q into a new buffer, k and v into the caches at `start`.
+    pub fn into_cache(
+        qkv: &Tensor,
+        tables: &super::Tables,
+        (nh, nkv): (usize, usize),
+        (k_cache, v_cache): (&Tensor, &Tensor),
+        start: usize,
+    ) -> Result<Tensor> {
+        let (b, t, width) = qkv.dims3()?;
+        let d = width / (nh + 2 * nkv);
+        let capacity = k_cache.dim(2)?;
+        let q = Tensor::zeros((b, nh, t, d), qkv.dtype(), qkv.device())?;
+        let candle_core::Device::Cuda(dev) = qkv.device() else {
+            candle_core::bail!("rope_qkv_into_cache: qkv is not on the GPU")
+        };
+        let func = crate::launch::function(
+            qkv.dtype(),
+            dev,
+            ("ferrotune_rope_qkv", crate::ptx::ROPE_QKV),
+            "rope_qkv_cache",
+        )?;
+        let n = qkv.elem_count();
+        let ints = [
+            i32_of(nh, "query heads")?,
+            i32_of(nkv, "kv heads")?,
+            i32_of(t, "positions")?,
+            i32_of(d, "head dim")?,
+            i32_of(capacity, "cache capacity")?,
+            i32_of(start, "cache start")?,
+        ];
+        let tensors = [qkv, &tables.cos, &tables.sin, &q, k_cache, v_cache];
+        crate::launch::with_storages(&tensors, |s| {
+            fn go<T: CudaDType + DeviceRepr>(
+                dev: &CudaDevice,
+                func: &CudaFunction,
+                s: &[(&CudaStorage, usize)],
+                n: usize,
+                ints: &[i32; 6],
+            ) -> Result<()> {
+                let x = |i| crate::launch::typed::<T>(s, i);
+                let n64 = n as i64;
+                let stream = dev.cuda_stream();
+                let mut l = stream.launch_builder(func);
+                let (qkv, cos, sin, q, kc, vc) = (x(0)?, x(1)?, x(2)?, x(3)?, x(4)?, x(5)?);
+                l.arg(&qkv)
+                    .arg(&cos)
+                    .arg(&sin)
+                    .arg(&q)
+                    .arg(&kc)
+                    .arg(&vc)
+                    .arg(&n64);
+                for v in ints {
+                    l.arg(v);
+                }
+                // SAFETY: the arguments match rope_qkv_cache_<T>; q was just allocated
+                // ([b, nh, t, d]); the caches are contiguous [b, nkv, capacity, d] with
+                // start + t <= capacity (checked by the caller), the kernel writes only there.
+                unsafe { l.launch(elementwise(n)) }.w()?;
+                Ok(())
+            }
+            match qkv.dtype() {
+                candle_core::DType::F32 => go::<f32>(dev, &func, s, n, &ints),
+                candle_core::DType::BF16 => go::<half::bf16>(dev, &func, s, n, &ints),
+                _ => go::<half::f16>(dev, &func, s, n, &ints),
+            }
+        })?;
+        Ok(q)
     }
 
     struct Split<'a> {
@@ -418,6 +545,43 @@ mod cuda {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+
+    /// Into the cache: q as `rope_qkv` gives it, k and v in the cache columns from `start`, every
+    /// other column as it was; a cache without room is an error naming the sizes.
+    #[test]
+    fn into_cache_writes_the_new_columns_and_returns_q() {
+        let cpu = &Device::Cpu;
+        let (b, t, nh, nkv, d, cap, start) = (2, 3, 6, 2, 8, 9, 4);
+        let qkv = Tensor::randn(0f32, 1.0, (b, t, (nh + 2 * nkv) * d), cpu).unwrap();
+        let cos = Tensor::randn(0f32, 1.0, (b, t, d), cpu).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (b, t, d), cpu).unwrap();
+        let (q0, k0, v0) = rope_qkv(&qkv, &cos, &sin, (nh, nkv)).unwrap();
+        let kc = Tensor::randn(0f32, 1.0, (b, nkv, cap, d), cpu).unwrap();
+        let vc = Tensor::randn(0f32, 1.0, (b, nkv, cap, d), cpu).unwrap();
+        let (k_before, v_before) = (kc.copy().unwrap(), vc.copy().unwrap());
+        let q = rope_qkv_into_cache(&qkv, &cos, &sin, (nh, nkv), (&kc, &vc), start).unwrap();
+        let same = |a: &Tensor, b: &Tensor| {
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert!(same(&q, &q0));
+        for (cache, before, new) in [(&kc, &k_before, &k0), (&vc, &v_before, &v0)] {
+            assert!(same(&cache.narrow(2, start, t).unwrap(), new));
+            assert!(same(
+                &cache.narrow(2, 0, start).unwrap(),
+                &before.narrow(2, 0, start).unwrap()
+            ));
+            let rest = cap - start - t;
+            assert!(same(
+                &cache.narrow(2, start + t, rest).unwrap(),
+                &before.narrow(2, start + t, rest).unwrap()
+            ));
+        }
+        let err = rope_qkv_into_cache(&qkv, &cos, &sin, (nh, nkv), (&kc, &vc), cap - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot take 3 columns at 8"), "{err}");
+    }
 
     /// Split into heads and rotated with the separate ops: the same values (bit for bit in f32),
     /// and the same `qkv` gradient through both, with GQA (6 query heads on 2 kv heads), two rows.

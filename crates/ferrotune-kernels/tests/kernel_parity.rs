@@ -594,3 +594,49 @@ fn flash_attention_matches_its_cpu_reference_and_the_composed_ops() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// `rope_qkv_into_cache` on the GPU against its CPU reference (`rope_qkv` and `slice_set`): the
+/// returned query heads and the whole cache buffers (new columns written, the rest untouched),
+/// bit for bit, for MHA and GQA, one and several new positions, f32, bf16 and f16.
+#[test]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check.sh"]
+fn rope_qkv_into_cache_matches_its_cpu_reference() {
+    use ferrotune_kernels::rope_qkv_into_cache;
+    let dev = gpu();
+    let mut failures = Vec::new();
+    for (b, t, nh, nkv, d, cap, start) in [(1, 1, 32, 32, 96, 700, 512), (3, 5, 12, 4, 80, 40, 33)]
+    {
+        let qkv = Tensor::randn(0f32, 1.0, (b, t, (nh + 2 * nkv) * d), &Device::Cpu).unwrap();
+        let cos = Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu).unwrap();
+        let kc = Tensor::randn(0f32, 1.0, (b, nkv, cap, d), &Device::Cpu).unwrap();
+        let vc = Tensor::randn(0f32, 1.0, (b, nkv, cap, d), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let run = |dev: &Device| {
+                let on = |x: &Tensor| x.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+                let (kc, vc) = (on(&kc), on(&vc));
+                let q = rope_qkv_into_cache(
+                    &on(&qkv),
+                    &on(&cos),
+                    &on(&sin),
+                    (nh, nkv),
+                    (&kc, &vc),
+                    start,
+                )
+                .unwrap();
+                [q, kc, vc].map(|t| cpu_f32(&t))
+            };
+            let (got, want) = (run(&dev), run(&Device::Cpu));
+            let diffs: Vec<f32> = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| max_abs(&(a - b).unwrap()))
+                .collect();
+            eprintln!("rope_qkv_into_cache [{b},{t},{nh}/{nkv},{d}] at {start} of {cap} {dtype:?}: q/k/v cache max |Δ| {diffs:?}");
+            if diffs.iter().any(|&x| x != 0.0) {
+                failures.push(format!("[{b},{t},{nh}/{nkv},{d}] {dtype:?}: {diffs:?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

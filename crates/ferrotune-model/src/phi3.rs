@@ -89,6 +89,34 @@ impl LayerCache {
         self.v.narrow(2, 0, self.len)
     }
 
+    /// Whether `t` more columns fit the buffers as they are.
+    fn has_room(&self, t: usize) -> Result<bool> {
+        Ok(self.len + t <= self.k.dim(2)?)
+    }
+
+    /// The new positions of the fused projection `qkv` `[b, t, …]`: their rotated keys and their
+    /// values written after the filled columns (which must have room, see
+    /// [`LayerCache::has_room`]); returns their rotated query heads.
+    fn append_rotated(
+        &mut self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cfg: &Phi3Config,
+    ) -> Result<Tensor> {
+        let heads = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let q = ferrotune_kernels::rope_qkv_into_cache(
+            qkv,
+            cos,
+            sin,
+            heads,
+            (&self.k, &self.v),
+            self.len,
+        )?;
+        self.len += qkv.dim(1)?;
+        Ok(q)
+    }
+
     /// New columns `[b, kv_heads, t, head_dim]` after the filled ones.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let t = k.dim(2)?;
@@ -741,10 +769,23 @@ impl DecoderLayer {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let (q, k, v) = rope::heads(&self.qkv_proj.forward(x, train)?, cos, sin, cfg)?;
-        let (k, v) = match cache {
-            None => (k, v),
+        let qkv = self.qkv_proj.forward(x, train)?;
+        // A decoding step whose columns fit the cache's buffers: the rotated keys and the values
+        // go straight into them (one kernel on CUDA), only q is formed on its own.
+        let in_place = match &cache {
+            Some(Some(layer)) => {
+                layer.has_room(t)? && crate::attention::decode_kernel_applies(&qkv, t, hd)
+            }
+            _ => false,
+        };
+        let (q, k, v) = match cache {
+            Some(Some(layer)) if in_place => {
+                let q = layer.append_rotated(&qkv, cos, sin, cfg)?;
+                (q, layer.keys()?, layer.values()?)
+            }
+            None => rope::heads(&qkv, cos, sin, cfg)?,
             Some(slot) => {
+                let (q, k, v) = rope::heads(&qkv, cos, sin, cfg)?;
                 let layer = match slot {
                     Some(c) => {
                         c.append(&k, &v)?;
@@ -756,7 +797,7 @@ impl DecoderLayer {
                         LayerCache::headroom(k.dim(2)?),
                     )?),
                 };
-                (layer.keys()?, layer.values()?)
+                (q, layer.keys()?, layer.values()?)
             }
         };
         let scale = 1.0 / (hd as f64).sqrt();

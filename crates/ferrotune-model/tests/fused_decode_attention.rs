@@ -1,7 +1,8 @@
 //! Generation through the fused decode-attention op (`ferrotune_kernels::decode_attention`, the
 //! path CUDA takes) on the CPU, where its reference implementation runs: the KV cache's strided
-//! views, GQA without repeated heads, the padded batch's bias and the output layout, end to end
-//! against transformers' greedy tokens. Its own test binary, so the switch it sets applies to
+//! views, GQA without repeated heads, the padded batch's bias and the output layout, and each
+//! decoding step's keys and values written into the cache's buffers by
+//! `ferrotune_kernels::rope_qkv_into_cache`, end to end against transformers' greedy tokens. Its own test binary, so the switch it sets applies to
 //! this process only.
 
 mod common;
