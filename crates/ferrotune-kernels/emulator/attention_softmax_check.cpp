@@ -15,7 +15,7 @@ bool run_case(int b, int heads, int tq, int tk, const char* dtype, void (*fwd)(c
     std::vector<float> bias((size_t)b * tq * tk);
     for (size_t i = 0; i < bias.size(); ++i) bias[i] = (i % 7 == 2) ? -FLT_MAX : 0.05f * (float)(i % 3);
     const float scale = 0.3f;
-    std::vector<T> y(n), dx(n);
+    std::vector<T> y = unwritten<T>(n), dx = unwritten<T>(n);
     const unsigned threads = tk >= 1024 ? 256 : 128;
     emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { fwd(s.data(), bias.data(), y.data(), heads, tq, tk, 1, scale); });
     emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { bwd(y.data(), g.data(), dx.data(), tk, scale); });

@@ -18,7 +18,7 @@ bool run_case(int b, int heads, int kv, int tq, int t, int d, const char* dtype,
     std::vector<float> bias((size_t)b * tq * t);
     for (size_t i = 0; i < bias.size(); ++i) bias[i] = (i % 11 == 3) ? -FLT_MAX : 0.1f * (float)(i % 5);
     const float scale = 1.0f / std::sqrt((float)d);
-    std::vector<T> out((size_t)b * tq * heads * d);
+    std::vector<T> out = unwritten<T>((size_t)b * tq * heads * d);
     const int64_t k_batch = (int64_t)kv * cap * d, k_head = (int64_t)cap * d;
     emu::launch({(unsigned)(b * heads * tq), 1, 1}, {256, 1, 1}, [&] {
         kernel(q.data(), kbuf.data(), vbuf.data(), bias.data(), out.data(), heads, kv, tq, t, d, k_batch, k_head,

@@ -3,6 +3,7 @@
 // multiples of the tiles, with causal, sliding-window, packed-document and left-padding masks.
 // Exit status 1 when a case is out of tolerance. Built and run by scripts/emulate-kernels.sh.
 #include "../cuda/flash_attention.cu"
+#include "check.h"
 
 #include <cstdio>
 #include <random>
@@ -41,6 +42,7 @@ static std::vector<float> bias_for(const Case& c) {
 template <typename T> static double rel_l2(const std::vector<double>& want, const std::vector<float>& got) {
     double num = 0, den = 0;
     for (size_t i = 0; i < want.size(); ++i) {
+        if (std::isnan(got[i])) return INFINITY;
         num += (got[i] - want[i]) * (got[i] - want[i]);
         den += want[i] * want[i];
     }
@@ -61,8 +63,10 @@ template <typename T> static bool run_case(const Case& c, const Kernels<T>& k, d
     const std::vector<T> q = randoms(n), kk = randoms(n), v = randoms(n), dout = randoms(n);
     const std::vector<float> bias = bias_for(c);
     const float scale = 1.0f / std::sqrt((float)d);
-    std::vector<T> out(n), dk(n), dv(n);
-    std::vector<float> lse((size_t)b * h * t), delta((size_t)b * h * t), dq(n, 0.0f);
+    // Outputs start as NaN (dq_acc as the zeros the caller provides): an unwritten element shows.
+    std::vector<T> out = unwritten<T>(n), dk = unwritten<T>(n), dv = unwritten<T>(n);
+    std::vector<float> lse = unwritten<float>((size_t)b * h * t), delta = unwritten<float>((size_t)b * h * t);
+    std::vector<float> dq(n, 0.0f);
 
     const int blocks = (t + 63) / 64;
     std::vector<uint8_t> kinds((size_t)b * blocks * blocks, 255);
@@ -134,12 +138,15 @@ template <typename T> static bool run_case(const Case& c, const Kernels<T>& k, d
     double out_err = 0, out_max = 0, lse_err = 0;
     const std::vector<float> got_out = as_float(out);
     for (size_t i = 0; i < n; ++i) {
+        if (std::isnan(got_out[i])) out_err = INFINITY;
         out_err = std::max(out_err, std::abs(got_out[i] - r_out[i]));
         out_max = std::max(out_max, std::abs(r_out[i]));
     }
     bool lse_ok = true;
     for (size_t i = 0; i < lse.size(); ++i) {
-        if (std::isinf(r_lse[i])) {
+        if (std::isnan(lse[i])) {
+            lse_ok = false;
+        } else if (std::isinf(r_lse[i])) {
             lse_ok &= std::isinf(lse[i]) && lse[i] > 0;
         } else {
             lse_err = std::max(lse_err, std::abs(lse[i] - r_lse[i]));

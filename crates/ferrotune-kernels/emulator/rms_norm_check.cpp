@@ -32,7 +32,7 @@ template <typename T> bool run_case(int rows, int h, const char* dtype, const No
     bool ok = true;
     const double tol = 2 * one_rounding<T>() + 1e-5;
 
-    std::vector<T> out(n);
+    std::vector<T> out = unwritten<T>(n);
     emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { k.fwd(x.data(), w.data(), out.data(), h, eps); });
     std::vector<double> want(n);
     for (int r = 0; r < rows; ++r) {
@@ -44,7 +44,7 @@ template <typename T> bool run_case(int rows, int h, const char* dtype, const No
     ok &= report(("rms_norm forward " + shape).c_str(), max_relative(out, want), tol);
 
     // Joined: [s | norm(s)] with s = x + y rounded to T.
-    std::vector<T> joined(2 * n);
+    std::vector<T> joined = unwritten<T>(2 * n);
     emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { k.add_fwd(x.data(), y.data(), w.data(), joined.data(), h, eps); });
     std::vector<double> want_joined(2 * n);
     for (int r = 0; r < rows; ++r) {
@@ -59,7 +59,7 @@ template <typename T> bool run_case(int rows, int h, const char* dtype, const No
     ok &= report(("rms_norm joined with the residual add " + shape).c_str(), max_relative(joined, want_joined), tol);
 
     // Gradient: d/dx of sum_j g_j w_j x_j r(x), r = (mean(x^2) + eps)^-1/2, with and without res added.
-    std::vector<T> dx(n), dx_add(n);
+    std::vector<T> dx = unwritten<T>(n), dx_add = unwritten<T>(n);
     emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { k.bwd(x.data(), g.data(), w.data(), dx.data(), h, eps); });
     emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1},
                 [&] { k.bwd_add(x.data(), g.data(), w.data(), res.data(), dx_add.data(), h, eps); });

@@ -15,7 +15,7 @@ bool run_case(int b, int t, int nh, int nkv, int d, const char* dtype,
     const int64_t n = (int64_t)b * t * heads * d;
     const std::vector<T> qkv = random_values<T>(n, rng);
     const std::vector<T> cos = random_values<T>((size_t)b * t * d, rng), sin = random_values<T>((size_t)b * t * d, rng);
-    std::vector<T> split(n);
+    std::vector<T> split = unwritten<T>(n);
     const unsigned blocks = (unsigned)std::min<int64_t>((n + 255) / 256, 4);  // grid-stride: few blocks
     emu::launch({blocks, 1, 1}, {256, 1, 1}, [&] { fwd(qkv.data(), cos.data(), sin.data(), split.data(), n, nh, nkv, t, d); });
     auto round = [](double x) { return value(from_f32<T>((float)x)); };
@@ -47,7 +47,7 @@ bool run_case(int b, int t, int nh, int nkv, int d, const char* dtype,
     // Adjoint: dy in the split layout; dx_i = dy_i c_i + (i < half ? dy_{i+half} s_{i+half} : -dy_{i-half} s_{i-half}),
     // accumulated here from the rotation's partial derivatives, term by term.
     const std::vector<T> dy = random_values<T>(n, rng);
-    std::vector<T> dx(n);
+    std::vector<T> dx = unwritten<T>(n);
     emu::launch({blocks, 1, 1}, {256, 1, 1}, [&] {
         bwd(dy.data(), dy.data() + q_size, dy.data() + q_size + kv_size, cos.data(), sin.data(), dx.data(), n, nh, nkv, t, d);
     });
@@ -83,7 +83,7 @@ bool cache_case(int b, int t, int nh, int nkv, int d, int cap, int start, const 
     const int64_t n = (int64_t)b * t * heads * d;
     const std::vector<T> qkv = random_values<T>(n, rng);
     const std::vector<T> cos = random_values<T>((size_t)b * t * d, rng), sin = random_values<T>((size_t)b * t * d, rng);
-    std::vector<T> split(n), q((size_t)b * nh * t * d);
+    std::vector<T> split = unwritten<T>(n), q = unwritten<T>((size_t)b * nh * t * d);
     std::vector<T> kc = random_values<T>((size_t)b * nkv * cap * d, rng), vc = random_values<T>((size_t)b * nkv * cap * d, rng);
     const std::vector<T> kc0 = kc, vc0 = vc;
     emu::launch({2, 1, 1}, {256, 1, 1}, [&] { fwd(qkv.data(), cos.data(), sin.data(), split.data(), n, nh, nkv, t, d); });

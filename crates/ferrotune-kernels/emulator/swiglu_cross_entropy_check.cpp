@@ -14,7 +14,7 @@ bool swiglu_case(int rows, int i, const char* dtype, void (*fwd)(const T*, T*, i
     std::mt19937 rng(9 + i);
     const int64_t n = (int64_t)rows * i;
     const std::vector<T> gu = random_values<T>(2 * n, rng, 2.0f), g = random_values<T>(n, rng);
-    std::vector<T> y(n), dgu(2 * n);
+    std::vector<T> y = unwritten<T>(n), dgu = unwritten<T>(2 * n);
     emu::launch({3, 1, 1}, {256, 1, 1}, [&] { fwd(gu.data(), y.data(), n, i); });
     emu::launch({3, 1, 1}, {256, 1, 1}, [&] { bwd(gu.data(), g.data(), dgu.data(), n, i); });
     std::vector<double> want(n), grad(2 * n);
@@ -39,8 +39,8 @@ bool cross_entropy_case(int rows, int v, const char* dtype, void (*nll)(const T*
     const std::vector<T> x = random_values<T>((size_t)rows * v, rng, 4.0f);
     std::vector<uint32_t> targets(rows);
     for (int r = 0; r < rows; ++r) targets[r] = r % 3 == 1 ? NO_TARGET : (uint32_t)((r * 7919) % v);
-    std::vector<float> loss(rows, -1.0f);
-    std::vector<T> d((size_t)rows * v);
+    std::vector<float> loss = unwritten<float>(rows);
+    std::vector<T> d = unwritten<T>((size_t)rows * v);
     const unsigned threads = v >= 1024 ? 256 : 128;
     emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { nll(x.data(), targets.data(), loss.data(), v); });
     emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { grad(x.data(), targets.data(), d.data(), v); });

@@ -317,7 +317,8 @@ mod cuda {
         let (b, _, t, _) = dims.shape;
         let blocks = t.div_ceil(BLOCK);
         let rows = if dims.bias_batched { b } else { 1 };
-        let kinds = Tensor::zeros((rows, blocks, blocks), DType::U8, bias.device())?;
+        // SAFETY: the kernel writes every tile's kind (one block per tile) before anything reads.
+        let kinds = unsafe { Tensor::empty((rows, blocks, blocks), DType::U8, bias.device())? };
         let func = dev
             .get_or_load_custom_func("flash_attention_tile_kinds", MODULE.0, MODULE.1)?
             .into_cuda_function();
@@ -357,8 +358,14 @@ mod cuda {
         scale: f32,
     ) -> Result<(Tensor, Tensor)> {
         let (b, h, t, d) = dims.shape;
-        let out = Tensor::zeros((b, t, h, d), q.dtype(), q.device())?;
-        let lse = Tensor::zeros((b, h, t), DType::F32, q.device())?;
+        // SAFETY: the forward writes every row of out and lse, whichever tiles it skips (a row
+        // that attends nothing gets 0 and +inf).
+        let (out, lse) = unsafe {
+            (
+                Tensor::empty((b, t, h, d), q.dtype(), q.device())?,
+                Tensor::empty((b, h, t), DType::F32, q.device())?,
+            )
+        };
         let dev = device(q)?;
         let kinds = tile_kinds(bias, dims, &dev)?;
         let func = function(
@@ -423,10 +430,16 @@ mod cuda {
         scale: f32,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, h, t, d) = dims.shape;
-        let delta = Tensor::zeros((b, h, t), DType::F32, q.device())?;
+        // dq is summed into with atomics: zeroed. SAFETY: delta gets every row, and each key block
+        // writes all its dk and dv rows, whichever query tiles it skips.
         let dq_acc = Tensor::zeros((b, h, t, d), DType::F32, q.device())?;
-        let dk = Tensor::zeros((b, h, t, d), q.dtype(), q.device())?;
-        let dv = Tensor::zeros((b, h, t, d), q.dtype(), q.device())?;
+        let (delta, dk, dv) = unsafe {
+            (
+                Tensor::empty((b, h, t), DType::F32, q.device())?,
+                Tensor::empty((b, h, t, d), q.dtype(), q.device())?,
+                Tensor::empty((b, h, t, d), q.dtype(), q.device())?,
+            )
+        };
         let dev = device(q)?;
         let kinds = tile_kinds(bias, dims, &dev)?;
         let delta_fn = function(q.dtype(), &dev, MODULE, "flash_attention_bwd_delta")?;

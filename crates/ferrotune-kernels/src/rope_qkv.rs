@@ -422,7 +422,8 @@ mod cuda {
         let (b, t, width) = qkv.dims3()?;
         let d = width / (nh + 2 * nkv);
         let capacity = k_cache.dim(2)?;
-        let q = Tensor::zeros((b, nh, t, d), qkv.dtype(), qkv.device())?;
+        // SAFETY: the kernel writes every element of q (one thread per element of qkv).
+        let q = unsafe { Tensor::empty((b, nh, t, d), qkv.dtype(), qkv.device())? };
         let candle_core::Device::Cuda(dev) = qkv.device() else {
             candle_core::bail!("rope_qkv_into_cache: qkv is not on the GPU")
         };
