@@ -5,7 +5,7 @@
 //! Composed, one layer at 2,048 tokens and 32 heads writes and reads a 256 MiB score matrix (bf16)
 //! several times per pass and computes the half of it above the diagonal only to mask it; here
 //! nothing score-sized exists, and tiles above the diagonal are skipped. The bias is first
-//! classified per 64 × 64 tile (one small kernel per call): tiles it masks entirely (outside a
+//! classified per 64 × 64 tile (one small kernel, once per bias tensor: every layer reads the same): tiles it masks entirely (outside a
 //! sliding window, across packed documents) are skipped too, and tiles where it is 0 wherever
 //! causal attention is allowed are computed without reading it.
 //!
@@ -314,6 +314,25 @@ mod cuda {
     /// The kernels' tile kinds for `bias` (`flash_attention_tile_kinds`: one byte per 64 × 64
     /// tile of each bias row, skip / plain causal / read the bias), `[b or 1, blocks, blocks]`.
     fn tile_kinds(bias: &Tensor, dims: Dims, dev: &CudaDevice) -> Result<Tensor> {
+        // Every layer's forward, re-run and backward reads the one bias of the batch: classify
+        // it once. A tensor's id is never reused, and a tensor never changes, so the id is a key.
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<(candle_core::TensorId, Tensor)>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        if let Some(kinds) = LAST.with_borrow(|last| {
+            last.as_ref()
+                .filter(|(id, _)| *id == bias.id())
+                .map(|(_, kinds)| kinds.clone())
+        }) {
+            return Ok(kinds);
+        }
+        let kinds = classify(bias, dims, dev)?;
+        LAST.set(Some((bias.id(), kinds.clone())));
+        Ok(kinds)
+    }
+
+    fn classify(bias: &Tensor, dims: Dims, dev: &CudaDevice) -> Result<Tensor> {
         let (b, _, t, _) = dims.shape;
         let blocks = t.div_ceil(BLOCK);
         let rows = if dims.bias_batched { b } else { 1 };
