@@ -3,7 +3,9 @@
 # transformers + peft in `python3`, no Rust). Build first, here, with
 #   scripts/build-cuda.sh --tests          (dist/cuda-sm90/: ferrotune + CUDA test binaries, gzipped)
 # then run on the device from the repository root with dist/cuda-sm90 carried:
-#   scripts/gpu-check.sh [--quick]
+#   scripts/gpu-check.sh [--quick] [--only REGEX]
+# --only runs just the steps whose names match REGEX (bash =~), e.g. after a change to one kernel
+# with little device time left: --only 'kernel_parity|flash|bench_attention'.
 # Writes $OUT/gpu-report.json (every number) and $OUT/gpu-check.log (everything printed).
 # Each step runs under its own time limit and a failing step is recorded, not fatal.
 set -uo pipefail
@@ -15,7 +17,14 @@ steps="$OUT/steps.jsonl"
 : >"$log"
 : >"$steps"
 quick=0
-[ "${1:-}" = "--quick" ] && quick=1
+only=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1; shift ;;
+    --only) only="${2:?--only needs a regular expression}"; shift 2 ;;
+    *) echo "usage: scripts/gpu-check.sh [--quick] [--only REGEX]" >&2; exit 2 ;;
+  esac
+done
 dist="${FERROTUNE_DIST:-dist/cuda-sm90}"
 
 say() { echo "== $*" | tee -a "$log"; }
@@ -37,6 +46,9 @@ PY
 run() {
   local name="$1" limit="$2"
   shift 2
+  if [ -n "$only" ] && ! [[ "$name" =~ $only ]]; then
+    return 0
+  fi
   say "$name: $*"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >"$OUT/.last" 2>&1
@@ -139,6 +151,7 @@ for mode in on off fp32 fp16 flash; do
     --set max_steps=20 --set logging_steps=1 --set eval_steps=20 --set save_steps=20 \
     --set "output_dir=$scratch/k$mode"
 done
+if [ -f "$scratch/kon/metrics.jsonl" ]; then  # skipped under --only
 compare="$(python3 - "$scratch"/kon/metrics.jsonl "$scratch"/koff/metrics.jsonl "$scratch"/kfp32/metrics.jsonl "$scratch"/kfp16/metrics.jsonl "$scratch"/kflash/metrics.jsonl <<'PY'
 import json, sys
 def curve(path):
@@ -173,6 +186,7 @@ PY
 )"
 echo "$compare" | tee -a "$log"
 record kernels_on_off_loss_curves "$(echo "$compare" | grep -q '"within_bf16_tolerance": true'; echo $?)" 0 "$compare"
+fi
 rm -rf "$scratch"
 
 # Training attention alone on Phi-3-mini's heads (32 x 96), flash against the kept probabilities:
