@@ -24,6 +24,9 @@ use candle_core::{DType, Device, Result, Tensor};
 /// Head dimensions the kernels hold (instantiated for 32, 64, 96 and 128, zero padded between).
 pub const MAX_HEAD_DIM: usize = 128;
 
+/// The most `batch × heads` one call takes (CUDA's grid y dimension).
+pub const MAX_GRID_Y: usize = 65_535;
+
 /// Bias at or below this forbids a key (the kernels' `MASKED`).
 pub const MASKED: f32 = -1e30;
 
@@ -125,6 +128,13 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Dims> {
     }
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() || !q.dtype().is_float() {
         candle_core::bail!("flash_attention: q, k and v must share a float dtype");
+    }
+    if b * h > MAX_GRID_Y {
+        candle_core::bail!(
+            "flash_attention: batch × heads = {} exceeds the kernels' grid ({MAX_GRID_Y}); split \
+             the batch",
+            b * h
+        );
     }
     if !supports(q) {
         candle_core::bail!(
@@ -278,7 +288,9 @@ mod reference {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Result, Tensor};
 
@@ -302,6 +314,34 @@ mod cuda {
     /// The head dimension the kernel is instantiated for: the smallest of 32, 64, 96, 128 ≥ d.
     fn padded(d: usize) -> usize {
         d.div_ceil(32) * 32
+    }
+
+    /// The kernels' int arguments: heads, positions, head dim, whether the bias is per batch row.
+    type Ints = (i32, i32, i32, i32);
+
+    /// The device, the bias's tile kinds and the kernels' [`Ints`], checked to fit.
+    fn prologue(q: &Tensor, bias: &Tensor, dims: Dims) -> Result<(CudaDevice, Tensor, Ints)> {
+        let (b, h, t, d) = dims.shape;
+        let dev = device(q)?;
+        let kinds = tile_kinds(bias, dims, &dev)?;
+        i32_of(b * h * t * d, "attention elements")?;
+        let ints = (
+            i32_of(h, "heads")?,
+            i32_of(t, "positions")?,
+            i32_of(d, "head dim")?,
+            i32::from(dims.bias_batched),
+        );
+        Ok((dev, kinds, ints))
+    }
+
+    /// `flash_attention_<pass>_d<D>_<dtype>` for head dim `d`.
+    fn sized_kernel(q: &Tensor, dev: &CudaDevice, pass: &str, d: usize) -> Result<CudaFunction> {
+        function(
+            q.dtype(),
+            dev,
+            MODULE,
+            &format!("flash_attention_{pass}_d{}", padded(d)),
+        )
     }
 
     fn device(t: &Tensor) -> Result<CudaDevice> {
@@ -385,27 +425,14 @@ mod cuda {
                 Tensor::empty((b, h, t), DType::F32, q.device())?,
             )
         };
-        let dev = device(q)?;
-        let kinds = tile_kinds(bias, dims, &dev)?;
-        let func = function(
-            q.dtype(),
-            &dev,
-            MODULE,
-            &format!("flash_attention_fwd_d{}", padded(d)),
-        )?;
-        let ints = (
-            i32_of(h, "heads")?,
-            i32_of(t, "positions")?,
-            i32_of(d, "head dim")?,
-            i32::from(dims.bias_batched),
-        );
-        i32_of(b * h * t * d, "attention elements")?;
+        let (dev, kinds, ints) = prologue(q, bias, dims)?;
+        let func = sized_kernel(q, &dev, "fwd", d)?;
         with_storages(&[q, k, v, bias, &out, &lse, &kinds], |s| {
             fn go<T: CudaDType + DeviceRepr>(
                 dev: &CudaDevice,
                 func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
                 s: &[(&CudaStorage, usize)],
-                (h, t, d, batched): (i32, i32, i32, i32),
+                (h, t, d, batched): Ints,
                 scale: f32,
                 cfg: LaunchConfig,
             ) -> Result<()> {
@@ -459,22 +486,9 @@ mod cuda {
                 Tensor::empty((b, h, t, d), q.dtype(), q.device())?,
             )
         };
-        let dev = device(q)?;
-        let kinds = tile_kinds(bias, dims, &dev)?;
+        let (dev, kinds, ints) = prologue(q, bias, dims)?;
         let delta_fn = function(q.dtype(), &dev, MODULE, "flash_attention_bwd_delta")?;
-        let bwd_fn = function(
-            q.dtype(),
-            &dev,
-            MODULE,
-            &format!("flash_attention_bwd_d{}", padded(d)),
-        )?;
-        let ints = (
-            i32_of(h, "heads")?,
-            i32_of(t, "positions")?,
-            i32_of(d, "head dim")?,
-            i32::from(dims.bias_batched),
-        );
-        i32_of(b * h * t * d, "attention elements")?;
+        let bwd_fn = sized_kernel(q, &dev, "bwd", d)?;
         let rows = (b * t * h) as i64;
         let tensors = [
             q, k, v, bias, dout, lse, &delta, &dq_acc, &dk, &dv, out, &kinds,
@@ -488,7 +502,7 @@ mod cuda {
                     &candle_core::cuda_backend::cudarc::driver::CudaFunction,
                 ),
                 s: &[(&CudaStorage, usize)],
-                (h, t, d, batched): (i32, i32, i32, i32),
+                (h, t, d, batched): Ints,
                 rows: i64,
                 scale: f32,
                 cfg: LaunchConfig,
