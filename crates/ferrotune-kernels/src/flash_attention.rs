@@ -168,6 +168,25 @@ mod reference {
         t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
     }
 
+    /// Calls `f(batch row, head, that row's bias [t, t], [q, k, v] of that head [t, d])` for
+    /// every head of the batch.
+    fn for_each_head(
+        dims: Dims,
+        bias: &[f32],
+        [q, k, v]: [&[f32]; 3],
+        mut f: impl FnMut(usize, usize, &[f32], [&[f32]; 3]),
+    ) {
+        let (b, h, t, d) = dims.shape;
+        for bi in 0..b {
+            let bias_b = &bias[if dims.bias_batched { bi * t * t } else { 0 }..][..t * t];
+            for hi in 0..h {
+                let head = (bi * h + hi) * t * d;
+                let [q, k, v] = [q, k, v].map(|x| &x[head..][..t * d]);
+                f(bi, hi, bias_b, [q, k, v]);
+            }
+        }
+    }
+
     /// The allowed scores of row `i` of one (batch, head), `-∞` where forbidden.
     fn scores(q: &[f32], k: &[f32], bias_row: &[f32], i: usize, d: usize, scale: f32) -> Vec<f32> {
         let qi = &q[i * d..][..d];
@@ -195,15 +214,11 @@ mod reference {
         let (qv, kv, vv, bv) = (values(q)?, values(k)?, values(v)?, values(bias)?);
         let mut out = vec![0f32; b * t * h * d];
         let mut lse = vec![f32::INFINITY; b * h * t];
-        for bi in 0..b {
-            let bias_b = &bv[if dims.bias_batched { bi * t * t } else { 0 }..][..t * t];
-            for hi in 0..h {
-                let head = (bi * h + hi) * t * d;
-                let (qh, kh, vh) = (
-                    &qv[head..][..t * d],
-                    &kv[head..][..t * d],
-                    &vv[head..][..t * d],
-                );
+        for_each_head(
+            dims,
+            &bv,
+            [&qv, &kv, &vv],
+            |bi, hi, bias_b, [qh, kh, vh]| {
                 for i in 0..t {
                     let x = scores(qh, kh, &bias_b[i * t..][..t], i, d, scale);
                     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -219,8 +234,8 @@ mod reference {
                     o.iter_mut().for_each(|o| *o /= z);
                     lse[(bi * h + hi) * t + i] = m + z.ln();
                 }
-            }
-        }
+            },
+        );
         let out = Tensor::from_vec(out, (b, t, h, d), q.device())?.to_dtype(q.dtype())?;
         Ok((out, Tensor::from_vec(lse, (b, h, t), q.device())?))
     }
@@ -245,15 +260,12 @@ mod reference {
             vec![0f32; qv.len()],
             vec![0f32; qv.len()],
         );
-        for bi in 0..b {
-            let bias_b = &bv[if dims.bias_batched { bi * t * t } else { 0 }..][..t * t];
-            for hi in 0..h {
+        for_each_head(
+            dims,
+            &bv,
+            [&qv, &kv, &vv],
+            |bi, hi, bias_b, [qh, kh, vh]| {
                 let head = (bi * h + hi) * t * d;
-                let (qh, kh, vh) = (
-                    &qv[head..][..t * d],
-                    &kv[head..][..t * d],
-                    &vv[head..][..t * d],
-                );
                 for i in 0..t {
                     let row = ((bi * t + i) * h + hi) * d;
                     let (g, o) = (&gv[row..][..d], &ov[row..][..d]);
@@ -277,8 +289,8 @@ mod reference {
                         }
                     }
                 }
-            }
-        }
+            },
+        );
         let back = |x: Vec<f32>| -> Result<Tensor> {
             Tensor::from_vec(x, (b, h, t, d), q.device())?.to_dtype(q.dtype())
         };
