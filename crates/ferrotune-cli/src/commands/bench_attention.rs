@@ -4,12 +4,14 @@
 //! backward), on one causal shape, in one run. Reports milliseconds, TFLOP/s over the causal
 //! half of the work (forward `2·b·h·t²·d`, backward `4·b·h·t²·d`: what both must do, though the
 //! composed path computes the masked half too), the bytes each keeps between forward and
-//! backward, and how far the two results are apart.
+//! backward, on CUDA the device memory each used above what was in use before it (sampled), and
+//! how far the two results are apart.
 
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use ferrotune_model::attention::{training_backward, training_forward, KeptAttention};
+use ferrotune_model::device_memory::PeakSampler;
 use ferrotune_model::mask::AttentionLayout;
 use serde_json::json;
 
@@ -18,11 +20,13 @@ use crate::commands::bench_train::bench_dtype;
 use crate::commands::model_args;
 use crate::failure::Failure;
 
-/// Mean forward and backward seconds of one variant, what it keeps, and its last results.
+/// Mean forward and backward seconds of one variant, what it keeps, the device memory it used at
+/// its peak beyond what was in use before it (sampled, CUDA), and its last results.
 struct Timing {
     forward: f64,
     backward: f64,
     kept_bytes: u64,
+    peak_device_bytes: Option<u64>,
     results: [Tensor; 4],
 }
 
@@ -58,6 +62,8 @@ pub fn run(args: &BenchAttentionArgs, json_out: bool) -> Result<(), Failure> {
     let time = |flash: bool| -> Result<Timing, Failure> {
         let (mut forward, mut backward) = (0.0, 0.0);
         let mut last = None;
+        device.synchronize()?;
+        let sampler = PeakSampler::start(&device);
         for i in 0..args.warmup + args.iters {
             device.synchronize()?;
             let start = Instant::now();
@@ -84,12 +90,14 @@ pub fn run(args: &BenchAttentionArgs, json_out: bool) -> Result<(), Failure> {
             }
             last = Some((kept_bytes, [out, dq, dk, dv]));
         }
+        let memory = sampler.finish();
         let (kept_bytes, results) = last.expect("at least one pass");
         let n = args.iters as f64;
         Ok(Timing {
             forward: forward / n,
             backward: backward / n,
             kept_bytes,
+            peak_device_bytes: memory.map(|m| m.peak.saturating_sub(m.at_start)),
             results,
         })
     };
@@ -108,7 +116,7 @@ pub fn run(args: &BenchAttentionArgs, json_out: bool) -> Result<(), Failure> {
         json!({"forward_ms": x.forward * 1e3, "backward_ms": x.backward * 1e3,
             "total_ms": (x.forward + x.backward) * 1e3,
             "forward_tflops": tflops(x.forward, 2.0), "backward_tflops": tflops(x.backward, 4.0),
-            "kept_bytes": x.kept_bytes})
+            "kept_bytes": x.kept_bytes, "peak_device_bytes_beyond_start": x.peak_device_bytes})
     };
     let speedup = (probs.forward + probs.backward) / (flash.forward + flash.backward);
     if json_out {
@@ -126,14 +134,17 @@ pub fn run(args: &BenchAttentionArgs, json_out: bool) -> Result<(), Failure> {
         "attention      batch {b}, {h} heads, {t} positions, head dim {d}, {dtype:?} on {}, causal; {} passes after {} warm-up",
         args.device, args.iters, args.warmup
     );
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
     let line = |name: &str, x: &Timing| {
         println!(
-            "{name:<14} forward {:>8.3} ms ({:>7.2} TFLOP/s)  backward {:>8.3} ms ({:>7.2} TFLOP/s)  kept {:>9.2} MiB",
+            "{name:<14} forward {:>8.3} ms ({:>7.2} TFLOP/s)  backward {:>8.3} ms ({:>7.2} TFLOP/s)  kept {:>9.2} MiB{}",
             x.forward * 1e3,
             tflops(x.forward, 2.0),
             x.backward * 1e3,
             tflops(x.backward, 4.0),
-            x.kept_bytes as f64 / (1u64 << 20) as f64
+            mib(x.kept_bytes),
+            x.peak_device_bytes
+                .map_or(String::new(), |p| format!("  peak +{:.0} MiB", mib(p)))
         );
     };
     line("probabilities", &probs);
