@@ -377,6 +377,22 @@ fn plan_gives_a_verdict_for_gpus_and_azure_sizes() {
         bf16["plan"]["total"].as_u64().unwrap(),
     );
     assert!(flash < probs, "{flash} vs {probs}");
+    // A V100 has no flash attention (sm_70): no alternative offered, none counted.
+    let v100 = json_ok(
+        ferrotune()
+            .args([
+                "plan",
+                "--json",
+                "--gpu",
+                "V100-32GB",
+                "--set",
+                "precision=fp16",
+                "--config",
+            ])
+            .arg(&cfg),
+    );
+    assert!(v100["flash_attention_total"].is_null());
+    assert_eq!(v100["flash_attention"], false);
     ferrotune()
         .args([
             "plan",

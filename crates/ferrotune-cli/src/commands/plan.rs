@@ -47,7 +47,13 @@ pub fn run(args: &PlanArgs, json_out: bool) -> Result<(), Failure> {
         }
         _ => None,
     };
-    let input = input(&cfg, target.is_some())?;
+    let mut input = input(&cfg, target.is_some())?;
+    // Flash attention needs sm_80+ (the GPUs with bf16); elsewhere the run keeps the
+    // probabilities whatever the switch says.
+    let ampere = target.as_ref().is_some_and(|t| t.bf16);
+    if target.is_some() && !ampere {
+        input.ops.flash_attention = false;
+    }
     let estimate = plan::estimate(&input);
     let on_device = target
         .as_ref()
@@ -79,15 +85,14 @@ pub fn run(args: &PlanArgs, json_out: bool) -> Result<(), Failure> {
     let host_verdict = available.map(|c| plan::verdict(&input, c.free));
     // On a GPU in bf16/f16, what the run would plan with flash attention (opt-in until a GPU
     // has run it), where it does not use it already.
-    let flash_total = (target.is_some()
-        && input.dtype_bytes == 2
-        && input.ops.kernels
-        && !input.ops.flash_attention)
-        .then(|| {
-            let mut flash = input.clone();
-            flash.ops.flash_attention = true;
-            plan::with_device_overhead(&plan::estimate(&flash)).total
-        });
+    let flash_total =
+        (ampere && input.dtype_bytes == 2 && input.ops.kernels && !input.ops.flash_attention).then(
+            || {
+                let mut flash = input.clone();
+                flash.ops.flash_attention = true;
+                plan::with_device_overhead(&plan::estimate(&flash)).total
+            },
+        );
     if json_out {
         println!(
             "{}",
