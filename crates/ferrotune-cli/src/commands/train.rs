@@ -87,6 +87,12 @@ fn dry_run(cfg: &TrainConfig, json_out: bool) -> Result<(), Failure> {
 /// Set to 1 to train even when the memory plan says the run does not fit.
 const SKIP_MEMORY_CHECK: &str = "FERROTUNE_SKIP_MEMORY_CHECK";
 
+/// Whether flash attention's kernels run on `device` (asked with a bf16 tensor of Phi-3's head dim).
+fn flash_runs_on(device: &candle_core::Device) -> bool {
+    candle_core::Tensor::zeros((1, 1, 1, 96), candle_core::DType::BF16, device)
+        .is_ok_and(|q| ferrotune_model::attention::flash_supported(&q))
+}
+
 /// Refuses, before anything is loaded, a run whose memory plan does not fit what `device` has:
 /// a GPU's capacity, or on the CPU the memory available now shared by the `local_world` ranks
 /// of this node. Where the device cannot be asked, nothing is checked.
@@ -97,7 +103,11 @@ fn check_memory(
     skip: Option<&String>,
 ) -> Result<(), Failure> {
     let gpu = !device.is_cpu();
-    let input = crate::commands::plan::input(cfg, gpu)?;
+    let mut input = crate::commands::plan::input(cfg, gpu)?;
+    if gpu && input.ops.flash_attention && !flash_runs_on(device) {
+        // Below sm_80 the run keeps the probabilities whatever the switch says.
+        input.ops.flash_attention = false;
+    }
     let Some(capacity) = ferrotune_model::device_memory::capacity(device) else {
         return Ok(());
     };
