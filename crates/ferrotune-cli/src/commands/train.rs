@@ -87,10 +87,20 @@ fn dry_run(cfg: &TrainConfig, json_out: bool) -> Result<(), Failure> {
 /// Set to 1 to train even when the memory plan says the run does not fit.
 const SKIP_MEMORY_CHECK: &str = "FERROTUNE_SKIP_MEMORY_CHECK";
 
-/// Whether flash attention's kernels run on `device` (asked with a bf16 tensor of Phi-3's head dim).
-fn flash_runs_on(device: &candle_core::Device) -> bool {
-    candle_core::Tensor::zeros((1, 1, 1, 96), candle_core::DType::BF16, device)
-        .is_ok_and(|q| ferrotune_model::attention::flash_supported(&q))
+/// The planner's view of the run on `device`: flash attention only where its kernels run (below
+/// sm_80 the run keeps the probabilities whatever the switch says; asked with a bf16 tensor).
+fn plan_input(
+    cfg: &TrainConfig,
+    device: &candle_core::Device,
+) -> Result<ferrotune_train::plan::PlanInput, Failure> {
+    let gpu = !device.is_cpu();
+    let mut input = crate::commands::plan::input(cfg, gpu)?;
+    if gpu && input.ops.flash_attention {
+        input.ops.flash_attention =
+            candle_core::Tensor::zeros((1, 1, 1, 96), candle_core::DType::BF16, device)
+                .is_ok_and(|q| ferrotune_model::attention::flash_supported(&q));
+    }
+    Ok(input)
 }
 
 /// Refuses, before anything is loaded, a run whose memory plan does not fit what `device` has:
@@ -103,11 +113,7 @@ fn check_memory(
     skip: Option<&String>,
 ) -> Result<(), Failure> {
     let gpu = !device.is_cpu();
-    let mut input = crate::commands::plan::input(cfg, gpu)?;
-    if gpu && input.ops.flash_attention && !flash_runs_on(device) {
-        // Below sm_80 the run keeps the probabilities whatever the switch says.
-        input.ops.flash_attention = false;
-    }
+    let input = plan_input(cfg, device)?;
     let Some(capacity) = ferrotune_model::device_memory::capacity(device) else {
         return Ok(());
     };
@@ -335,7 +341,7 @@ pub fn train(
     };
     bar.finish();
     if let Some(used) = memory.finish() {
-        let planned = crate::commands::plan::input(cfg, true).map(|i| {
+        let planned = plan_input(cfg, &device).map(|i| {
             ferrotune_train::plan::with_device_overhead(&ferrotune_train::plan::estimate(&i)).total
         });
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
