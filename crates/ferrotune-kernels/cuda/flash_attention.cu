@@ -239,12 +239,14 @@ __device__ void flash_fwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     constexpr int P = D + 8;
     __shared__ __align__(16) uint16_t ks[BK * P];
     __shared__ __align__(16) uint16_t vs[BK * P];
-    const int qb = gridDim.x - 1 - blockIdx.x;  // the longest rows first
-    const int64_t bh = blockIdx.y, b = bh / heads, h = bh - b * heads;
+    // Blocks start in order of their linear index (x fastest): every head's longest rows first,
+    // so the last blocks to start are the shortest.
+    const int qb = gridDim.y - 1 - blockIdx.y;
+    const int64_t bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
     const int64_t head = bh * (int64_t)t * d;
     const float* bias_bt = bias + (bias_batched ? b : 0) * (int64_t)t * t;
-    const uint8_t* tile_kind = kinds + ((bias_batched ? b : 0) * gridDim.x + qb) * gridDim.x;
+    const uint8_t* tile_kind = kinds + ((bias_batched ? b : 0) * gridDim.y + qb) * gridDim.y;
     const int q0 = qb * BQ + warp * 16, r0 = q0 + g, r1 = r0 + 8;
     const float scale2 = scale * LOG2E;
 
@@ -363,7 +365,7 @@ __device__ void flash_bwd_delta(const T* __restrict__ out, const T* __restrict__
     }
 }
 
-// One block per (64 keys, b, h); warp w owns keys 16w..16w+15 of the block and walks the query
+// One block per (b·h, 64 keys); warp w owns keys 16w..16w+15 of the block and walks the query
 // tiles from the block's diagonal down, accumulating its dk and dv rows in registers; dq is
 // summed into dq_acc with atomics, from dS (through shared memory) and the block's keys.
 template <typename T, int D>
@@ -380,12 +382,13 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     __shared__ __align__(16) uint16_t ks[BK * P];
     __shared__ __align__(16) uint16_t dss[BQB * PS];  // dS [query][key]
     __shared__ float lse_s[BQB], delta_s[BQB];
-    const int k0 = blockIdx.x * BK;
-    const int64_t bh = blockIdx.y, b = bh / heads, h = bh - b * heads;
+    // Every head's first key block (the one most query tiles see) starts first.
+    const int kb = blockIdx.y, k0 = kb * BK;
+    const int64_t bh = blockIdx.x, b = bh / heads, h = bh - b * heads;
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
     const int64_t head = bh * (int64_t)t * d;
     const float* bias_bt = bias + (bias_batched ? b : 0) * (int64_t)t * t;
-    const uint8_t* kinds_b = kinds + (bias_batched ? b : 0) * (int64_t)gridDim.x * gridDim.x;
+    const uint8_t* kinds_b = kinds + (bias_batched ? b : 0) * (int64_t)gridDim.y * gridDim.y;
     const int kw = k0 + warp * 16, kr0 = kw + g, kr1 = kr0 + 8;
     const float scale2 = scale * LOG2E;
     // dout rows of this head: [b, t, heads, d], a row stride of heads * d.
@@ -403,7 +406,7 @@ __device__ void flash_bwd(const uint16_t* __restrict__ q, const uint16_t* __rest
     }
 
     for (int qt0 = k0; qt0 < t; qt0 += BQB) {
-        const int kind = kinds_b[(qt0 / BQ) * gridDim.x + blockIdx.x];
+        const int kind = kinds_b[(qt0 / BQ) * gridDim.y + kb];
         if (kind == TILE_SKIP) continue;  // block-uniform
         __syncthreads();
         load_tile<D, P>(qs, BQB, q + head, t, d, qt0, d);

@@ -76,13 +76,13 @@ template <typename T> static bool run_case(const Case& c, const Kernels<T>& k, d
     for (int bi = 0; bi < b; ++bi)
         for (int qb = 0; qb < blocks; ++qb)
             for (int kb = 0; kb <= qb; ++kb) counts[kinds[((size_t)bi * blocks + qb) * blocks + kb]]++;
-    emu::launch({(unsigned)blocks, (unsigned)(b * h), 1}, {128, 1, 1}, [&] {
+    emu::launch({(unsigned)(b * h), (unsigned)blocks, 1}, {128, 1, 1}, [&] {
         k.fwd(q.data(), kk.data(), v.data(), bias.data(), kinds.data(), out.data(), lse.data(), h, t, d, 1, scale);
     });
     const int64_t rows = (int64_t)b * t * h;
     emu::launch({(unsigned)((rows + 7) / 8), 1, 1}, {256, 1, 1},
                 [&] { k.delta(out.data(), dout.data(), delta.data(), h, t, d, rows); });
-    emu::launch({(unsigned)blocks, (unsigned)(b * h), 1}, {128, 1, 1}, [&] {
+    emu::launch({(unsigned)(b * h), (unsigned)blocks, 1}, {128, 1, 1}, [&] {
         k.bwd(q.data(), kk.data(), v.data(), bias.data(), kinds.data(), dout.data(), lse.data(), delta.data(),
               dq.data(), dk.data(), dv.data(), h, t, d, 1, scale);
     });

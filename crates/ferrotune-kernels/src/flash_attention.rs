@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Result, Tensor};
 /// Head dimensions the kernels hold (instantiated for 32, 64, 96 and 128, zero padded between).
 pub const MAX_HEAD_DIM: usize = 128;
 
-/// The most `batch × heads` one call takes (CUDA's grid y dimension).
+/// The most 64-position blocks one call takes (CUDA's grid y dimension).
 pub const MAX_GRID_Y: usize = 65_535;
 
 /// Bias at or below this forbids a key (the kernels' `MASKED`).
@@ -129,11 +129,9 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Dims> {
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() || !q.dtype().is_float() {
         candle_core::bail!("flash_attention: q, k and v must share a float dtype");
     }
-    if b * h > MAX_GRID_Y {
+    if t.div_ceil(64) > MAX_GRID_Y {
         candle_core::bail!(
-            "flash_attention: batch × heads = {} exceeds the kernels' grid ({MAX_GRID_Y}); split \
-             the batch",
-            b * h
+            "flash_attention: {t} positions exceed the kernels' grid ({MAX_GRID_Y} blocks of 64)"
         );
     }
     if !supports(q) {
@@ -414,7 +412,8 @@ mod cuda {
 
     fn grid(t: usize, bh: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (t.div_ceil(BLOCK) as u32, bh as u32, 1),
+            // (b·h, position blocks): the kernels put every head's heaviest block first.
+            grid_dim: (bh as u32, t.div_ceil(BLOCK) as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         }

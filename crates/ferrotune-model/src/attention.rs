@@ -92,8 +92,8 @@ pub fn decode_kernel_applies(q: &Tensor, queries: usize, head_dim: usize) -> boo
 pub fn flash_applies(q: &Tensor, k: &Tensor) -> bool {
     flash_chosen()
         && q.dim(2).ok() == k.dim(2).ok()
-        && q.dims4()
-            .is_ok_and(|(b, h, _, _)| b * h <= ferrotune_kernels::flash_attention::MAX_GRID_Y)
+        && q.dim(2)
+            .is_ok_and(|t| t.div_ceil(64) <= ferrotune_kernels::flash_attention::MAX_GRID_Y)
         && (q.device().is_cpu() || ferrotune_kernels::enabled())
         && ferrotune_kernels::flash_attention::supports(q)
 }

@@ -55,7 +55,14 @@ fn dry_run(cfg: &TrainConfig, json_out: bool) -> Result<(), Failure> {
     let seq = max_seq_length(cfg, &model_cfg)?;
     let on_gpu = cfg.device.starts_with("cuda")
         || (cfg.device == "auto" && candle_core::utils::cuda_is_available());
-    let input = crate::commands::plan::input(cfg, on_gpu)?;
+    // With the GPU at hand, the plan knows which kernels run on it (flash attention: sm_80+).
+    let input = match on_gpu
+        .then(|| model_args::device(Some(&cfg.device)))
+        .and_then(Result::ok)
+    {
+        Some(device) if device.is_cuda() => plan_input(cfg, &device)?,
+        _ => crate::commands::plan::input(cfg, on_gpu)?,
+    };
     let mut estimate = ferrotune_train::plan::estimate(&input);
     if on_gpu {
         estimate = ferrotune_train::plan::with_device_overhead(&estimate);
